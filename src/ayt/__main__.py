@@ -1,0 +1,3 @@
+from ayt.cli import main
+
+raise SystemExit(main())
