@@ -1,0 +1,435 @@
+"""Checkpoints: safetensors weights + JSON state + weights-only optimiser state, written atomically.
+
+This is the only module in `ayt` that touches `torch.load` / pickles, and it only ever calls
+`torch.load(..., weights_only=True)`, so a checkpoint cannot run code when it is opened.
+
+Layout of one checkpoint (``RUN_DIR/checkpoints/step-000001234/``)::
+
+    weights.safetensors  every model tensor, flattened as "<module>.<key>" (e.g. "net.<k>",
+                         "ema_0.9999.<k>"); the metadata holds {module: [keys]} as JSON
+    state.json           {"format": 1, "step": int, "state": <the trainer's JSON-able dict>}
+    optim.pt             the `extra` dict (optimiser states, RNG states, sampler state) saved with
+                         torch.save; only tensors, numbers, strings, lists, tuples and dicts
+    COMPLETE             written last: {"step": int, "sha256": {file: hex digest}}
+
+A save writes into ``checkpoints/.tmp-...``, fsyncs, renames the folder into place, then points
+``checkpoints/latest`` at it (temp file + os.replace) and prunes old checkpoints. A crash at any
+moment leaves the previous checkpoints and ``latest`` loadable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from ayt.errors import AytError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+WEIGHTS = "weights.safetensors"
+STATE = "state.json"
+OPTIM = "optim.pt"
+MARKER = "COMPLETE"
+FORMAT = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_LEFTOVER = (".tmp-", ".old-")
+_SAFE_LEAVES = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: `modules` maps a module name ("net", "ema_0.9999") to its state dict."""
+
+    path: Path
+    step: int
+    modules: dict[str, dict[str, torch.Tensor]]
+    state: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def step_dir_name(step: int) -> str:
+    """Folder name of the checkpoint at `step`, e.g. ``step-000001234``."""
+    return f"step-{step:09d}"
+
+
+# ----------------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    modules: dict[str, dict[str, torch.Tensor]],
+    state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    keep: int = 3,
+    protect: set[str] | None = None,
+) -> Path:
+    """Write the checkpoint of `step` atomically and return its folder.
+
+    `modules` are state dicts of tensors; `state` must be JSON-able (config, step, images_seen,
+    metric history); `extra` holds optimiser states, RNG states (see `capture_rng_state`) and
+    anything else made only of tensors, numbers, strings, lists and dicts. Afterwards only the
+    newest `keep` complete checkpoints remain, plus the folder names in `protect` (e.g. a
+    "best" checkpoint). A same-step checkpoint is replaced safely. On failure nothing already
+    on disk changes and the temporary folder is removed.
+    """
+    _check_save_args(step, keep)
+    root = _writable_checkpoint_root(Path(run_dir))
+    tensors, layout = _flatten(modules)
+    state_text = _state_json(step, state)
+    extra = {} if extra is None else extra
+    _check_weights_only(extra, "extra")
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        _write_files(tmp, step, tensors, layout, state_text, extra)
+        final = _move_into_place(tmp, root / step_dir_name(step))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_latest(root, final.name)
+    _prune(root, keep, (protect or set()) | {final.name})
+    return final
+
+
+def _check_save_args(step: int, keep: int) -> None:
+    if not isinstance(step, int) or step < 0:
+        raise AytError(f"checkpoint step must be an integer >= 0, got {step!r}; pass the training step")
+    if not isinstance(keep, int) or keep < 1:
+        raise AytError(f"keep must be an integer >= 1, got {keep!r}; set how many checkpoints to keep")
+
+
+def _writable_checkpoint_root(run_dir: Path) -> Path:
+    """Create RUN_DIR/checkpoints and prove it is writable by creating a temp file there."""
+    root = run_dir / CHECKPOINTS
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as err:
+        raise AytError(
+            f"cannot write checkpoints to {root} ({err.strerror or err}); pass a writable run folder"
+        ) from None
+    return root
+
+
+def _flatten(modules: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Flatten {module: {key: tensor}} to {"module.key": CPU tensor} plus {module: [keys]}."""
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, list[str]] = {}
+    seen: set[int] = set()
+    for name, sd in modules.items():
+        layout[name] = list(sd)
+        for key, value in sd.items():
+            if not isinstance(value, torch.Tensor):
+                raise AytError(f"module {name!r} entry {key!r} is a {type(value).__name__}, not a tensor; "
+                               "put non-tensor values in state or extra")
+            t = value.detach().to("cpu").contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            shared = t.numel() > 0 and ptr in seen
+            tensors[f"{name}.{key}"] = t.clone() if shared else t  # safetensors refuses shared memory
+            seen.add(ptr)
+    if len(tensors) != sum(len(v) for v in layout.values()):
+        raise AytError("two module entries flatten to the same name; rename the modules so that none is "
+                       "a dotted prefix of another")
+    return tensors, layout
+
+
+def _state_json(step: int, state: dict[str, Any]) -> str:
+    try:
+        return json.dumps({"format": FORMAT, "step": step, "state": state}, indent=1)
+    except (TypeError, ValueError) as err:
+        raise AytError(f"checkpoint state is not JSON-able ({err}); pass numbers, strings, lists and dicts") from None
+
+
+def _check_weights_only(obj: Any, where: str) -> None:
+    """Raise unless `obj` is made of what `torch.load(weights_only=True)` accepts."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_weights_only(k, where)
+            _check_weights_only(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_weights_only(v, f"{where}[{i}]")
+    elif not isinstance(obj, _SAFE_LEAVES):
+        raise AytError(f"{where} is a {type(obj).__name__}, which a weights-only load cannot read; "
+                       "convert it to tensors, numbers, strings, lists or dicts")
+
+
+def _write_files(folder: Path, step: int, tensors: dict[str, torch.Tensor], layout: dict[str, list[str]],
+                 state_text: str, extra: dict[str, Any]) -> None:
+    """Write weights, state, optim and finally the COMPLETE marker with digests; fsync all."""
+    save_file(tensors, str(folder / WEIGHTS), metadata={"ayt_modules": json.dumps(layout)})
+    (folder / STATE).write_text(state_text)
+    torch.save(extra, folder / OPTIM)
+    digests = {name: _sha256(folder / name) for name in (WEIGHTS, STATE, OPTIM)}
+    for name in (WEIGHTS, STATE, OPTIM):
+        _fsync(folder / name)
+    (folder / MARKER).write_text(json.dumps({"step": step, "sha256": digests}, indent=1))
+    _fsync(folder / MARKER)
+    _fsync(folder)
+
+
+def _move_into_place(tmp: Path, final: Path) -> Path:
+    """Rename `tmp` to `final`; an existing `final` is renamed aside first and deleted after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    _fsync(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    """Point ``checkpoints/latest`` at `name` atomically (temp file + os.replace)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-latest-", dir=root)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / LATEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync(root)
+
+
+def _prune(root: Path, keep: int, protect: set[str]) -> None:
+    """Delete complete checkpoints older than the newest `keep`, except `protect`; drop leftovers
+    of crashed saves first (``.tmp-*``/``.old-*``). Incomplete ``step-*`` folders are left alone."""
+    for path in root.iterdir():
+        if path.name.startswith(_LEFTOVER):
+            _clean_leftover(path)
+    complete = _complete_dirs(root)
+    for path in complete[: max(len(complete) - keep, 0)]:
+        if path.name not in protect:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _clean_leftover(path: Path) -> None:
+    """Remove what a crashed save left behind; an ``.old-step-N-pid`` folder whose replacement
+    never arrived (crash between the two renames) is renamed back to ``step-N`` instead."""
+    match = re.match(r"^\.old-(step-\d+)-\d+$", path.name)
+    target = path.parent / match.group(1) if match else None
+    if target is not None and not target.exists() and (path / MARKER).is_file():
+        os.replace(path, target)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder (so that a rename inside it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------- finding
+
+
+def _checkpoint_root(run_dir: Path) -> Path:
+    """RUN_DIR/checkpoints; a path that already is the checkpoints folder is accepted too."""
+    if run_dir.name == CHECKPOINTS and not (run_dir / CHECKPOINTS).is_dir():
+        return run_dir
+    return run_dir / CHECKPOINTS
+
+
+def _step_of(path: Path) -> int | None:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def _complete_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _step_of(p) is not None and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: _step_of(p))
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run (those with a COMPLETE marker), oldest first."""
+    return _complete_dirs(_checkpoint_root(Path(run_dir)))
+
+
+def find_latest(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` points to; if it is missing or incomplete, the newest complete
+    one (with a warning); None when the run has no complete checkpoint."""
+    root = _checkpoint_root(Path(run_dir))
+    complete = _complete_dirs(root)
+    pointer = root / LATEST
+    name = pointer.read_text().strip() if pointer.is_file() else None
+    if name and Path(name).name == name and (root / name / MARKER).is_file():
+        return root / name
+    if complete:
+        why = f"points to {name!r}, which is missing or incomplete" if name else "is missing"
+        warnings.warn(f"{pointer} {why}; using the newest complete checkpoint {complete[-1]}", stacklevel=2)
+        return complete[-1]
+    return None
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint folder, or the latest checkpoint of a run folder, after checking the
+    COMPLETE marker and the sha256 digest of every file. Tensors go to `map_location`."""
+    path = _resolve(Path(path_or_run_dir))
+    _verify(path)
+    try:
+        modules = _read_weights(path / WEIGHTS, map_location)
+        saved = json.loads((path / STATE).read_text())
+        extra = torch.load(path / OPTIM, map_location=map_location, weights_only=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError, KeyError) as err:
+        raise AytError(f"checkpoint {path} is corrupted ({err}); {_fallback_hint(path)}") from None
+    return Checkpoint(path=path, step=int(saved["step"]), modules=modules, state=saved["state"], extra=extra)
+
+
+def _resolve(path: Path) -> Path:
+    """Turn a checkpoint folder or a run folder into the checkpoint folder to load."""
+    if not path.exists():
+        raise AytError(f"{path} does not exist; pass a run folder or a checkpoints/step-* folder")
+    if (path / MARKER).is_file():
+        return path
+    if _step_of(path) is not None:
+        raise AytError(f"checkpoint {path} is incomplete (no {MARKER} marker: its save was interrupted); "
+                       f"{_fallback_hint(path)}")
+    latest = find_latest(path)
+    if latest is None:
+        raise AytError(f"no checkpoint in {path}; train first or pass the right --resume folder")
+    return latest
+
+
+def _verify(path: Path) -> None:
+    """Check every file listed in COMPLETE against its sha256 digest."""
+    try:
+        digests = json.loads((path / MARKER).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise AytError(f"checkpoint {path} is corrupted: {MARKER} is unreadable; {_fallback_hint(path)}") from None
+    for name in (WEIGHTS, STATE, OPTIM):
+        if name not in digests or not (path / name).is_file():
+            raise AytError(f"checkpoint {path} is corrupted: {name} is missing; {_fallback_hint(path)}")
+        if _sha256(path / name) != digests[name]:
+            raise AytError(f"checkpoint {path} is corrupted: {path / name} does not match its sha256 "
+                           f"(truncated or modified); {_fallback_hint(path)}")
+
+
+def _fallback_hint(path: Path) -> str:
+    """Name the newest complete checkpoint older than `path`, or suggest a fresh run."""
+    step = _step_of(path)
+    older = [p for p in _complete_dirs(path.parent) if step is None or (_step_of(p) or 0) < step]
+    if older:
+        return f"resume from the older complete checkpoint {older[-1]}"
+    return f"no older complete checkpoint exists in {path.parent}: start a fresh run"
+
+
+def _read_weights(file: Path, map_location: str | torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Unflatten weights.safetensors into {module: {key: tensor}} using the stored layout."""
+    with safe_open(str(file), framework="pt") as f:
+        layout = json.loads((f.metadata() or {})["ayt_modules"])
+    flat = load_file(str(file), device=str(torch.device(map_location)))
+    return {name: {key: flat[f"{name}.{key}"] for key in keys} for name, keys in layout.items()}
+
+
+# ---------------------------------------------------------------------------- compatibility
+
+
+def check_compatible(saved: dict[str, torch.Tensor], model: torch.nn.Module, what: str) -> None:
+    """Raise AytError unless `saved` has exactly the keys and shapes of `model.state_dict()`."""
+    expected = model.state_dict()
+    problem = _first_mismatch(saved, expected)
+    if problem:
+        raise AytError(f"checkpoint {what} was trained with another architecture: {problem}; "
+                       "use the config it was trained with (saved in its state.json)")
+
+
+def _first_mismatch(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    missing = [k for k in expected if k not in saved]
+    if missing:
+        return f"the model has {missing[0]!r} but the checkpoint does not"
+    unexpected = [k for k in saved if k not in expected]
+    if unexpected:
+        return f"the checkpoint has {unexpected[0]!r} but the model does not"
+    for key, value in expected.items():
+        if tuple(saved[key].shape) != tuple(value.shape):
+            return f"{key!r} has shape {tuple(saved[key].shape)} in the checkpoint, {tuple(value.shape)} in the model"
+    return None
+
+
+# ---------------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state(device: str | torch.device | None = None) -> dict[str, Any]:
+    """Snapshot torch CPU (+ CUDA when `device` is CUDA and available), python `random` and numpy's
+    global RNG, as tensors/numbers/lists only so that `torch.load(weights_only=True)` reads it."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch_cpu": torch.get_rng_state(),
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `capture_rng_state` captured (each part only if present)."""
+    if "torch_cpu" in state:
+        torch.set_rng_state(state["torch_cpu"].cpu())
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))
+    if "numpy" in state:
+        npy = state["numpy"]
+        keys = npy["keys"].cpu().numpy().astype(np.uint32)
+        np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    if "torch_cuda" in state:
+        _restore_cuda_rng(state["torch_cuda"])
+
+
+def _restore_cuda_rng(states: list[torch.Tensor]) -> None:
+    if not torch.cuda.is_available():
+        warnings.warn("the checkpoint holds CUDA RNG states but CUDA is not available; they are not restored",
+                      stacklevel=3)
+        return
+    if len(states) != torch.cuda.device_count():
+        warnings.warn(f"the checkpoint holds {len(states)} CUDA RNG states for {torch.cuda.device_count()} "
+                      "visible GPUs; restoring the first ones only", stacklevel=3)
+    for index, s in enumerate(states[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(s.cpu(), index)
