@@ -1,0 +1,6 @@
+"""Training objectives; each maps `(net, x0, labels, step)` to a per-example loss [B]."""
+
+from ayt.objectives.diffusion import EDMObjective
+from ayt.objectives.ect import ConsistencyPair, ECTObjective
+
+__all__ = ["ConsistencyPair", "ECTObjective", "EDMObjective"]

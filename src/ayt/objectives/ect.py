@@ -1,0 +1,93 @@
+"""ECT: Easy Consistency Training / Tuning (Geng et al. 2024; method.md section 2).
+
+Per example: `w(t, r) * d(f(x_t, t), stopgrad f(x_r, r))` with the same `x_0` and `eps` in both
+calls and the same dropout mask, `w = 1 / (t - r)`, and target `x_0` when `r = 0`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ayt.nets.dropout import shared_dropout
+from ayt.rng import StepRandom
+from ayt.schedules import ect_r_from_t, ect_stage, lognormal_t
+
+
+@dataclass
+class ConsistencyPair:
+    """One ECT draw: student output, its stop-gradient target and the levels. Shapes in brackets."""
+
+    x0: torch.Tensor  # [B, C, H, W] clean images
+    eps: torch.Tensor  # [B, C, H, W] the shared noise
+    t: torch.Tensor  # [B] student noise level
+    r: torch.Tensor  # [B] target noise level, 0 <= r < t
+    student: torch.Tensor  # [B, C, H, W] f(x_t, t), with gradient
+    target: torch.Tensor  # [B, C, H, W] stopgrad f(x_r, r), or x_0 where r = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """`w(t, r) = 1 / (t - r)`, shape [B]."""
+        return 1.0 / (self.t - self.r)
+
+
+class ECTObjective(nn.Module):
+    """ECT consistency loss; returns per-example values [B].
+
+    Args:
+        distance: a distance module `(x, y) -> [B]` (pixel, LPIPS, MFD or an aligned form).
+        p_mean, p_std: lognormal `t` distribution.
+        q, k, b: the `t -> r` mapping; `d(stage) = q^-(stage+1)`.
+        stage_steps: steps per ECT stage (published: 25k at batch 128); `None` keeps stage 0
+            forever (the AYT reference: `q = 256`, fixed).
+    """
+
+    def __init__(
+        self,
+        distance: nn.Module,
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        q: float = 2.0,
+        k: float = 8.0,
+        b: float = 1.0,
+        stage_steps: int | None = 25_000,
+    ):
+        super().__init__()
+        self.distance = distance
+        self.p_mean, self.p_std = p_mean, p_std
+        self.q, self.k, self.b = q, k, b
+        self.stage_steps = stage_steps
+
+    def stage(self, step: int) -> int:
+        """The ECT stage at training step `step`."""
+        return 0 if self.stage_steps is None else ect_stage(step, self.stage_steps)
+
+    def draw(
+        self, net: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, step: int, rng: StepRandom | None = None
+    ) -> ConsistencyPair:
+        """Sample `(t, r, eps)` and evaluate student and target with one shared dropout mask."""
+        rng = rng or StepRandom()
+        t = lognormal_t(rng.randn((x0.shape[0],), x0.device), self.p_mean, self.p_std)
+        r = ect_r_from_t(t, self.stage(step), self.q, self.k, self.b)
+        eps = rng.randn_like(x0)
+        view = (-1, 1, 1, 1)
+        with shared_dropout(net, rng.seed()):
+            student = net(x0 + t.view(view) * eps, t, labels)
+            with torch.no_grad():
+                r_safe = torch.where(r > 0, r, t)  # the r = 0 entries are replaced by x0 below
+                target = net(x0 + r_safe.view(view) * eps, r_safe, labels)
+        target = torch.where((r > 0).view(view), target, x0).detach()
+        return ConsistencyPair(x0, eps, t, r, student, target)
+
+    def forward(
+        self,
+        net: nn.Module,
+        x0: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        step: int = 0,
+        rng: StepRandom | None = None,
+    ) -> torch.Tensor:
+        pair = self.draw(net, x0, labels, step, rng)
+        return pair.weight * self.distance(pair.student, pair.target)
