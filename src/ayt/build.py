@@ -1,0 +1,93 @@
+"""Turn a `Config` into the objects of a run: dataset, network, objective, and models from checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ayt.checkpoint import check_compatible, load_checkpoint
+from ayt.config import Config, config_from_dict
+from ayt.data import ImageDataset, build_dataset
+from ayt.errors import AytError
+from ayt.losses import build_distance
+from ayt.nets import Precond, build_network
+from ayt.objectives import ECTObjective, EDMObjective
+from ayt.schedules import ect_gap
+
+# Objective defaults of the lognormal noise-level distribution: (P_mean, P_std).
+LOGNORMAL_DEFAULTS = {"ect": (-1.1, 2.0), "edm": (-1.2, 1.2)}
+MIN_GAP = 2.0**-20  # smallest relative gap d(stage) that float32 t and r still resolve
+
+
+def build_data(config: Config) -> ImageDataset:
+    """The training dataset described by `config.data`."""
+    return build_dataset(**dataclasses.asdict(config.data))
+
+
+def build_net(config: Config, resolution: int, channels: int, num_classes: int = 0) -> Precond:
+    """The preconditioned U-Net for images of the given shape."""
+    n = config.network
+    if n.conditional and num_classes == 0:
+        raise AytError("network.conditional=true needs a labelled dataset; set network.conditional=false")
+    return build_network(
+        n.preset,
+        img_resolution=resolution,
+        in_channels=channels,
+        label_dim=num_classes if n.conditional else 0,
+        dropout=n.dropout,
+        boundary=n.boundary,
+        sigma_data=n.sigma_data,
+        sigma_min=n.sigma_min,
+        sigma_max=n.sigma_max,
+        overrides=dict(n.overrides),
+    )
+
+
+def build_objective(config: Config) -> nn.Module:
+    """The training objective (`objective.kind`) with its distance."""
+    o = config.objective
+    p_mean, p_std = LOGNORMAL_DEFAULTS[o.kind]
+    p_mean = o.p_mean if o.p_mean is not None else p_mean
+    p_std = o.p_std if o.p_std is not None else p_std
+    if o.kind == "edm":
+        return EDMObjective(p_mean, p_std, config.network.sigma_data)
+    final_stage = config.train.steps // o.stage_steps if o.stage_steps else 0
+    if ect_gap(final_stage, o.q) < MIN_GAP:
+        raise AytError(
+            f"objective.q={o.q} with stage_steps={o.stage_steps} reaches stage {final_stage} by step {config.train.steps}, "
+            f"where the gap t - r is below float32 resolution; raise objective.stage_steps or lower objective.q"
+        )
+    distance = build_distance(config.distance.name, **distance_options(config))
+    return ECTObjective(distance, p_mean, p_std, o.q, o.k, o.b, o.stage_steps)
+
+
+def distance_options(config: Config) -> dict:
+    """Keyword options for `build_distance` taken from `config.distance`."""
+    d = config.distance
+    return {"c": d.c} if d.name == "pseudo_huber" else {}
+
+
+def model_key(checkpoint_modules: dict, which: str = "ema") -> str:
+    """The module name in a checkpoint to use: the first EMA (`which='ema'`), `net`, or an exact name."""
+    if which == "ema":
+        if "ema0" not in checkpoint_modules:
+            raise AytError("the checkpoint holds no EMA weights; pass --weights net to use the raw network")
+        return "ema0"  # the first of train.ema_decays
+    if which not in checkpoint_modules:
+        raise AytError(f"the checkpoint has no weights '{which}'; it has: {', '.join(sorted(checkpoint_modules))}")
+    return which
+
+
+def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[Precond, Config]:
+    """Rebuild a network from a checkpoint (file or run directory) with the config it was trained with."""
+    ckpt = load_checkpoint(path)
+    config = config_from_dict(ckpt.state["config"])
+    info = ckpt.state["data_info"]
+    net = build_net(config, info["resolution"], info["channels"], info["num_classes"])
+    weights = ckpt.modules[model_key(ckpt.modules, which)]
+    check_compatible(weights, net, str(ckpt.path))
+    net.load_state_dict(weights)
+    return net.to(device).eval(), config

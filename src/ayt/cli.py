@@ -1,0 +1,143 @@
+"""Command line: `ayt demo | train | sample | report` (see `ayt COMMAND --help`).
+
+Bad input ends with one readable line on stderr and exit code 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ayt.errors import AytError, check
+
+
+# ---------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from ayt.config import load_config
+
+    overrides = list(args.overrides)
+    config_path = args.config
+    if args.resume:
+        run_dir = Path(args.resume)
+        check((run_dir / "config.yaml").is_file(), f"--resume {run_dir}: no config.yaml there; pass the folder of a run started with 'ayt train'")
+        check(config_path is None, "--resume takes the run's own config.yaml; drop --config (overrides such as train.steps=N still apply)")
+        config_path = run_dir / "config.yaml"
+        overrides.append(f"train.run_dir={run_dir}")
+    config = load_config(config_path, overrides)
+    if args.dry_run:
+        print(config.to_yaml(), end="")
+        return 0
+    from ayt.train import train
+
+    result = train(config, resume=bool(args.resume))
+    print(f"done: {result.step} steps, {result.images_seen} images, {result.wall_s:.1f} s, last loss {result.last_loss:.4g}; run folder {result.run_dir}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from ayt.build import load_model
+    from ayt.images import save_grid, save_npz
+    from ayt.sampling import consistency_sample, edm_heun_sample, parse_sigmas
+
+    check(args.num > 0, f"-n {args.num}: the number of images must be > 0")
+    check(args.out or args.npz, "give --out GRID.png and/or --npz IMAGES.npz")
+    net, config = load_model(args.checkpoint, which=args.weights, device=args.device)
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    chunks = []
+    for start in range(0, args.num, args.batch):
+        z = torch.randn((min(args.batch, args.num - start), *shape), generator=generator).to(args.device)
+        labels = None
+        if net.label_dim:
+            labels = torch.randint(0, net.label_dim, (len(z),), generator=generator).to(args.device)
+        if config.objective.kind == "edm":
+            x = edm_heun_sample(net, z, args.heun_steps, labels, config.network.sigma_min, config.network.sigma_max)
+        else:
+            x = consistency_sample(net, z, parse_sigmas(args.steps, config.network.sigma_max), labels, generator, config.network.sigma_min)
+        chunks.append(x.cpu())
+    images = torch.cat(chunks)
+    if args.out:
+        print(f"wrote {save_grid(images[: args.grid_max], args.out)}")
+    if args.npz:
+        print(f"wrote {save_npz(images, args.npz)} ({len(images)} images)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ayt.demo import run_demo
+
+    run_demo(args.out, args.size, progress=not args.no_progress)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ayt.report import write_report
+
+    out = args.out or (Path(args.runs[0]) / "report")
+    print(f"wrote {write_report(args.runs, out)}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ayt", description="Consistency models trained fast with manifold-aligned tangents (AYT).")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train or resume a run (EDM diffusion, ECT, ECT+AYT)", description="Train from a YAML config plus section.key=value overrides. Multi-GPU: torchrun --nproc_per_node N -m ayt train ...")
+    p.add_argument("--config", type=Path, help="YAML preset (see configs/); omitted: library defaults")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint, with its config.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.batch_size=16 distance.name=l2")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images from a checkpoint", description="1-step or multistep sampling from a checkpoint (file or run folder).")
+    p.add_argument("checkpoint", help="checkpoint folder or run folder (its latest checkpoint)")
+    p.add_argument("-n", "--num", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--steps", default="1", help="consistency schedule: 1, 2 (80, 0.821) or a comma list of levels")
+    p.add_argument("--heun-steps", type=int, default=18, help="EDM Heun steps for diffusion checkpoints (default 18)")
+    p.add_argument("--out", help="PNG grid to write")
+    p.add_argument("--grid-max", type=int, default=256, help="at most this many images in the grid (default 256)")
+    p.add_argument("--npz", help="npz file for all images (uint8 NHWC, key 'images')")
+    p.add_argument("--weights", default="ema", help="which weights: ema (default), net, or a name such as ema1")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--batch", type=int, default=256, help="images per network call (default 256)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="end-to-end demo on built-in shapes data (about 10 minutes on 2 CPU cores)")
+    p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo); a rerun reuses finished stages")
+    p.add_argument("--size", choices=["full", "quick"], default="full", help="full (default) or quick (a smoke test of a minute)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="plots and a markdown table for one or more runs")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", help="output folder (default FIRST_RUN/report)")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except AytError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last complete checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

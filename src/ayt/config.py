@@ -1,0 +1,403 @@
+"""Typed run configuration: one dataclass per concern, YAML presets, `key=value` overrides.
+
+A run is fully described by a `Config`. It is loaded from a YAML file under `configs/`, then
+`section.key=value` overrides from the command line are applied (values are parsed as YAML, so
+`train.batch_size=16`, `distance.c=null`, `train.ema_decays=[0.999,0.9999]` all work). Unknown
+keys, wrong types and out-of-range values raise `AytError` naming the key and the fix. Every run
+directory holds the resolved config it ran with (`config.yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from ayt.errors import AytError, check
+
+
+@dataclass
+class DataConfig:
+    """Which images to train on (see `ayt.data.build_dataset`)."""
+
+    name: str = "shapes"  # shapes | digits | cifar10 | folder | npz
+    root: str | None = None  # data folder (cifar10, folder) or .npz file
+    resolution: int | None = 16  # image size; None keeps the dataset's own
+    num_samples: int | None = None  # shapes: how many images to render (default 10000)
+    seed: int = 0  # shapes: rendering seed
+    split: str = "train"  # train | test | all (where the dataset has splits)
+    channels: int | None = None  # folder: 1 (gray) or 3 (RGB)
+    download: bool = False  # cifar10: download through torchvision when missing
+
+
+@dataclass
+class NetworkConfig:
+    """The U-Net and its preconditioning (see `ayt.nets.build_network`)."""
+
+    preset: str = "tiny"  # tiny | small | cifar10-ddpmpp
+    dropout: float | None = None  # None keeps the preset's dropout
+    boundary: str = "edm"  # edm (plain EDM scalings) | exact (f(x, sigma_min) = x)
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    conditional: bool = False  # condition on class labels (datasets with labels)
+    overrides: dict = field(default_factory=dict)  # any SongUNet keyword, e.g. {model_channels: 64}
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the loss is: EDM diffusion pretraining or ECT consistency training/tuning."""
+
+    kind: str = "ect"  # ect | edm
+    p_mean: float | None = None  # lognormal t: None -> -1.1 for ect, -1.2 for edm
+    p_std: float | None = None  # None -> 2.0 for ect, 1.2 for edm
+    q: float = 2.0  # ECT gap ratio: d(stage) = q^-(stage+1)
+    k: float = 8.0  # ECT t -> r mapping constant
+    b: float = 1.0  # ECT t -> r mapping constant
+    stage_steps: int | None = 25000  # ECT steps per stage; None = fixed stage (AYT reference)
+    init: str | None = None  # checkpoint (file or run dir) whose EMA weights initialise the net
+
+
+@dataclass
+class DistanceConfig:
+    """The distance `d` inside the consistency loss (see `ayt.losses.build_distance`).
+
+    `mode` says how the ECT loss uses it (method.md section 4):
+    `pixel`: `w * d(f, target)` with `d = name`;
+    `aligned`: `w * g_unit`, the unit-gradient form of `name` (the AYT reference runs use
+    `name: mfd`);
+    `pixel+aligned`: `w * (pixel(f, target) + lambda(step) * aligned term of name)`, with
+    `lambda` ramped linearly from 0 to `weight` over `ramp_steps`.
+    """
+
+    name: str = "pseudo_huber"  # l2 | pseudo_huber | squared_l2 | l1 | lpips | mfd
+    mode: str = "pixel"  # pixel | aligned | pixel+aligned
+    c: float | None = None  # pseudo-Huber constant; None -> 0.00054 * sqrt(dim)
+    pixel: str = "pseudo_huber"  # the pixel distance of mode pixel+aligned
+    weight: float = 1.0  # lambda of mode pixel+aligned
+    ramp_steps: int = 0  # lambda ramp of mode pixel+aligned (0 = no ramp)
+    features: str | None = None  # mfd: feature-network checkpoint (file or run folder)
+    form: str = "reference"  # mfd: reference (sum of spatial L2 norms) | squared (paper)
+    layers: list[int] | None = None  # mfd: feature stages used (None = all, head included)
+    lpips_net: str = "vgg"  # lpips: vgg | alex
+    lpips_weights: str | None = None  # lpips: trunk weights file (offline use)
+    lpips_upsample: bool = False  # lpips: resize inputs to 224 first
+
+
+@dataclass
+class FeaturesConfig:
+    """The self-supervised feature network of MFD (trained by `ayt train-features`)."""
+
+    arch: str = "tiny_vgg"  # tiny_vgg | vgg16_bn | resnet18
+    width: int = 32  # tiny_vgg base width
+    subset: str = "all"  # perturbations: geo | geo_colour | geo_degrade | degrade | all
+    p: float = 0.15  # probability of each perturbation
+    ramp_steps: int = 0  # linear ramp of p from 0 (reference: 50k)
+    holdout: int = 512  # held-out images for the per-group regression error
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule."""
+
+    name: str = "radam"  # radam | adam
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear LR warm-up from 0
+    grad_clip: float | None = None  # clip the global gradient norm; None = off
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    run_dir: str = "runs/default"  # where checkpoints, logs, samples and config.yaml go
+    steps: int = 2000  # total optimiser steps
+    batch_size: int = 16  # global batch (split across DDP ranks)
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide evenly)
+    seed: int = 0
+    ema_decays: list[float] = field(default_factory=lambda: [0.999])
+    precision: str = "fp32"  # fp32 | bf16 (autocast; CUDA only)
+    compile: bool = False  # torch.compile the network
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0  # DataLoader workers
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 500  # sample grid PNG every N steps (0 = only at the end)
+    grid_size: int = 64  # images per sample grid (fixed noise, comparable across steps)
+    sample_sigmas: str = "1"  # 1 | 2 | comma list of levels for the consistency grids
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    """In-training evaluation (the metric depends on the dataset)."""
+
+    every: int = 0  # evaluate the EMA model every N steps (0 = off)
+    metric: str = "auto"  # auto | none (metric plug-ins add names)
+    num_samples: int = 1000
+    sigmas: str = "1"  # sampling schedule evaluated
+
+
+@dataclass
+class LogConfig:
+    """Where progress goes."""
+
+    progress: bool = True  # tqdm progress bar (only on a terminal)
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str | None = None
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    distance: DistanceConfig = field(default_factory=DistanceConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> "Config":
+        """Raise `AytError` on out-of-range values; return self."""
+        for section in SECTIONS:
+            _RULES[section](getattr(self, section))
+        check(
+            self.train.batch_size % self.train.grad_accum == 0,
+            f"train.batch_size={self.train.batch_size} is not divisible by train.grad_accum={self.train.grad_accum}",
+        )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config)]
+
+
+# ---------------------------------------------------------------- validation rules per section
+def _one_of(value: Any, allowed: list[str], key: str) -> None:
+    check(value in allowed, f"{key}='{value}' is not valid; choose one of: {', '.join(allowed)}")
+
+
+def _positive(value: float | int | None, key: str, allow_none: bool = False, zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = value is not None and (value >= 0 if zero else value > 0)
+    check(ok, f"{key}={value} must be {'>= 0' if zero else '> 0'}")
+
+
+def _rules_data(c: DataConfig) -> None:
+    _positive(c.resolution, "data.resolution", allow_none=True)
+    _positive(c.num_samples, "data.num_samples", allow_none=True)
+    _one_of(c.split, ["train", "test", "all"], "data.split")
+    check(c.channels in (None, 1, 3), f"data.channels={c.channels} must be 1, 3 or null")
+
+
+def _rules_network(c: NetworkConfig) -> None:
+    _one_of(c.boundary, ["edm", "exact"], "network.boundary")
+    check(c.dropout is None or 0 <= c.dropout < 1, f"network.dropout={c.dropout} must be in [0, 1)")
+    check(0 < c.sigma_min < c.sigma_max, "network.sigma_min must be > 0 and below network.sigma_max")
+    _positive(c.sigma_data, "network.sigma_data")
+
+
+def _rules_objective(c: ObjectiveConfig) -> None:
+    _one_of(c.kind, ["ect", "edm"], "objective.kind")
+    _positive(c.p_std, "objective.p_std", allow_none=True)
+    check(c.q > 1, f"objective.q={c.q} must be > 1")
+    _positive(c.k, "objective.k", zero=True)
+    _positive(c.stage_steps, "objective.stage_steps", allow_none=True)
+
+
+def _rules_distance(c: DistanceConfig) -> None:
+    _positive(c.c, "distance.c", allow_none=True, zero=True)
+    _one_of(c.mode, ["pixel", "aligned", "pixel+aligned"], "distance.mode")
+    _one_of(c.form, ["reference", "squared"], "distance.form")
+    _one_of(c.lpips_net, ["vgg", "alex"], "distance.lpips_net")
+    _positive(c.weight, "distance.weight", zero=True)
+    _positive(c.ramp_steps, "distance.ramp_steps", zero=True)
+    check(c.name != "mfd" or c.features, "distance.name=mfd needs distance.features=FEATURE_CHECKPOINT; train one with 'ayt train-features'")
+
+
+def _rules_features(c: FeaturesConfig) -> None:
+    _one_of(c.arch, ["tiny_vgg", "vgg16_bn", "resnet18"], "features.arch")
+    _one_of(c.subset, ["geo", "geo_colour", "geo_degrade", "degrade", "all"], "features.subset")
+    check(0 <= c.p <= 1, f"features.p={c.p} must lie in [0, 1]")
+    _positive(c.width, "features.width")
+    _positive(c.ramp_steps, "features.ramp_steps", zero=True)
+    _positive(c.holdout, "features.holdout", zero=True)
+
+
+def _rules_optim(c: OptimConfig) -> None:
+    _one_of(c.name, ["radam", "adam"], "optim.name")
+    _positive(c.lr, "optim.lr")
+    check(len(c.betas) == 2 and all(0 <= b < 1 for b in c.betas), f"optim.betas={c.betas} must be two values in [0, 1)")
+    _positive(c.weight_decay, "optim.weight_decay", zero=True)
+    _positive(c.warmup_steps, "optim.warmup_steps", zero=True)
+    _positive(c.grad_clip, "optim.grad_clip", allow_none=True)
+
+
+def _rules_train(c: TrainConfig) -> None:
+    for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "grid_size", "log_every"):
+        _positive(getattr(c, key), f"train.{key}")
+    _positive(c.sample_every, "train.sample_every", zero=True)
+    _positive(c.num_workers, "train.num_workers", zero=True)
+    check(all(0 < d < 1 for d in c.ema_decays), f"train.ema_decays={c.ema_decays} must lie in (0, 1)")
+    _one_of(c.precision, ["fp32", "bf16"], "train.precision")
+    check(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), f"train.device='{c.device}' must be auto, cpu, cuda or cuda:N")
+
+
+def _rules_eval(c: EvalConfig) -> None:
+    _positive(c.every, "eval.every", zero=True)
+    _positive(c.num_samples, "eval.num_samples")
+
+
+def _rules_log(c: LogConfig) -> None:
+    return None
+
+
+_RULES = {
+    "data": _rules_data,
+    "network": _rules_network,
+    "objective": _rules_objective,
+    "distance": _rules_distance,
+    "features": _rules_features,
+    "optim": _rules_optim,
+    "train": _rules_train,
+    "eval": _rules_eval,
+    "log": _rules_log,
+}
+
+
+# ---------------------------------------------------------------- building from dicts
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a dataclass field's type hint (ints are accepted for floats)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if hint is Any:
+        return True
+    return isinstance(value, origin or hint)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Turn YAML ints into floats where a float is expected (so configs round-trip exactly)."""
+    if isinstance(value, int) and not isinstance(value, bool) and _accepts_float(hint) and not _accepts_int(hint):
+        return float(value)
+    if isinstance(value, list) and typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item) for v in value]
+    return value
+
+
+def _accepts_float(hint: Any) -> bool:
+    return hint is float or float in typing.get_args(hint)
+
+
+def _accepts_int(hint: Any) -> bool:
+    return hint is int or int in typing.get_args(hint)
+
+
+def _unknown_key(key: str, valid: list[str]) -> AytError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return AytError(f"unknown config key '{key}'{hint}")
+
+
+def _section_from_dict(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(f"{prefix}.{key}", names)
+        if not _type_ok(value, hints[key]):
+            raise AytError(f"config key '{prefix}.{key}' has the wrong type: got {value!r}, expected {_type_name(hints[key])}")
+        kwargs[key] = _coerce(value, hints[key])
+    return cls(**kwargs)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def config_from_dict(values: dict) -> Config:
+    """Build and validate a `Config` from a nested dict (as read from YAML)."""
+    check(isinstance(values, dict), "a config must be a mapping of sections (data, network, ...)")
+    hints = typing.get_type_hints(Config)
+    sections = {}
+    for name, section in values.items():
+        if name not in SECTIONS:
+            raise _unknown_key(name, SECTIONS)
+        check(isinstance(section, dict), f"config section '{name}' must be a mapping, got {section!r}")
+        sections[name] = _section_from_dict(hints[name], section, name)
+    return Config(**sections).validate()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `section.key=value` into its key path and YAML-parsed value."""
+    check("=" in text, f"override '{text}' must look like section.key=value (e.g. train.batch_size=16)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        raise AytError(f"override '{text}': the value is not valid YAML") from None
+    path = key.strip().split(".")
+    check(len(path) == 2 and all(path), f"override key '{key}' must be section.key (e.g. train.batch_size)")
+    return path, value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Return a copy of the nested dict `values` with `section.key=value` overrides applied."""
+    merged = {k: dict(v) for k, v in values.items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        merged.setdefault(section, {})[key] = value
+    return merged
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file into a dict; clear errors for missing or malformed files."""
+    path = Path(path)
+    check(path.is_file(), f"config file '{path}' does not exist; see configs/ for presets")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise AytError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    check(isinstance(values, dict), f"config file '{path}' must hold a mapping of sections")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset (or the defaults when `path` is None) and apply overrides."""
+    values = load_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(values, overrides or []))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(config.to_yaml())

@@ -1,0 +1,293 @@
+"""The training loop shared by every objective (EDM pretraining, ECT, ECT + AYT).
+
+`train(config)` reads top to bottom: set up processes and the run folder, build data / network /
+objective, restore a checkpoint when resuming, then loop: fetch the batch of this step, compute
+the loss, update weights, update the EMAs, and do maintenance (log, sample grids, evaluation,
+checkpoints). Data order and noise are pure functions of `(seed, step)`, so a resumed run is
+bitwise identical to an uninterrupted one on CPU and the noise does not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ayt.build import build_data, build_net, build_objective, load_model
+from ayt.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from ayt.config import Config, save_config
+from ayt.errors import check
+from ayt.images import save_grid
+from ayt.rng import StepRandom
+from ayt.runtime import BatchStream, init_distributed, prepare_run_dir, resolve_device
+from ayt.runlog import Progress, RunLogger
+from ayt.sampling import consistency_sample, edm_heun_sample, parse_sigmas
+
+Evaluator = Callable[[nn.Module, int], dict[str, float]]  # (EMA model, step) -> metrics
+
+
+# ---------------------------------------------------------------- EMA
+@torch.no_grad()
+def update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    """`ema <- decay * ema + (1 - decay) * net` for parameters; buffers are copied."""
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
+
+
+def make_ema(net: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(net).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+# ---------------------------------------------------------------- the run's state
+@dataclass
+class RunState:
+    """What the loop carries besides tensors; saved as JSON in every checkpoint."""
+
+    step: int = 0
+    images_seen: int = 0
+    wall_s: float = 0.0  # training seconds over all sessions of this run
+    metrics: list[dict] = field(default_factory=list)  # evaluation history
+    best: dict | None = None  # best evaluation so far
+
+
+@dataclass
+class RunResult:
+    """What `train` returns."""
+
+    run_dir: Path
+    step: int
+    last_loss: float
+    wall_s: float
+    images_seen: int
+
+
+def _ema_name(i: int) -> str:
+    return f"ema{i}"
+
+
+def _lr_at(step: int, base: float, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
+
+
+def _optimizer(config: Config, net: nn.Module) -> torch.optim.Optimizer:
+    o = config.optim
+    cls = torch.optim.RAdam if o.name == "radam" else torch.optim.Adam
+    return cls(net.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def _init_from(net: nn.Module, path: str) -> None:
+    """Copy the EMA weights of another run's checkpoint (e.g. an EDM model to tune with ECT)."""
+    source, _ = load_model(path, which="ema")
+    check_compatible(source.state_dict(), net, path)
+    net.load_state_dict(source.state_dict())
+
+
+class Trainer:
+    """Holds one run's objects; `run()` is the loop. Use `train(config)` unless you extend it."""
+
+    def __init__(self, config: Config, resume: bool = False, evaluator: Evaluator | None = None):
+        self.config, self.evaluator = config, evaluator
+        tc = config.train
+        self.info = init_distributed(tc.device)
+        self.device = resolve_device(tc.device, self.info)
+        check(
+            tc.batch_size % (tc.grad_accum * self.info.world) == 0,
+            f"train.batch_size={tc.batch_size} must be divisible by grad_accum x processes = {tc.grad_accum * self.info.world}",
+        )
+        if tc.precision == "bf16" and self.device.type != "cuda":
+            warnings.warn("train.precision=bf16 uses autocast on CUDA only; this CPU run uses fp32")
+        self.run_dir = prepare_run_dir(tc.run_dir, resume) if self.info.main else Path(tc.run_dir)
+        self._barrier()
+
+        # Data, network, EMAs, objective, optimiser.
+        self.dataset = build_data(config)
+        self.data_info = {
+            "name": self.dataset.name,
+            "resolution": self.dataset.resolution,
+            "channels": self.dataset.channels,
+            "num_classes": self.dataset.num_classes,
+        }
+        torch.manual_seed(tc.seed)  # the initial weights (identical on every rank)
+        self.net = build_net(config, self.dataset.resolution, self.dataset.channels, self.dataset.num_classes)
+        if config.objective.init and not resume:
+            _init_from(self.net, config.objective.init)
+        self.net.to(self.device).train()
+        self.emas = [make_ema(self.net) for _ in tc.ema_decays]
+        self.objective = build_objective(config).to(self.device)
+        self.optimizer = _optimizer(config, self.net)
+        self.state = RunState()
+        if resume:
+            self._restore()
+        self.model = self._wrap(self.net)
+        self.stream = BatchStream(self.dataset, tc.seed, self.info)
+        self.grid_noise = torch.randn(
+            (tc.grid_size, self.dataset.channels, self.dataset.resolution, self.dataset.resolution),
+            generator=torch.Generator().manual_seed(tc.seed + 12345),
+        )
+
+    # ---- set-up helpers
+    def _wrap(self, net: nn.Module) -> nn.Module:
+        model = net
+        if self.config.train.compile:
+            model = torch.compile(model)
+        if self.info.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def _barrier(self) -> None:
+        if self.info.world > 1:
+            dist.barrier()
+
+    def _restore(self) -> None:
+        ckpt = load_checkpoint(self.run_dir, map_location="cpu")
+        check_compatible(ckpt.modules["net"], self.net, str(ckpt.path))
+        self.net.load_state_dict(ckpt.modules["net"])
+        for i, ema in enumerate(self.emas):
+            name = _ema_name(i)
+            check(name in ckpt.modules, f"{ckpt.path} has no weights '{name}'; keep train.ema_decays as in the run's config.yaml")
+            ema.load_state_dict(ckpt.modules[name])
+        self.optimizer.load_state_dict(ckpt.extra["optimizer"])
+        s = ckpt.state
+        self.state = RunState(s["step"], s["images_seen"], s["wall_s"], s.get("metrics", []), s.get("best"))
+
+    # ---- the loop
+    def run(self) -> RunResult:
+        tc, info = self.config.train, self.info
+        logger = None
+        if info.main:
+            save_config(self.config, self.run_dir / "config.yaml")
+            lc = self.config.log
+            logger = RunLogger(self.run_dir, lc.tensorboard, lc.wandb, lc.wandb_project, self.config.to_dict(), resume_step=self.state.step)
+        progress = Progress(tc.steps, self.state.step, tc.batch_size, enabled=info.main and self.config.log.progress)
+        micro_global = tc.batch_size // tc.grad_accum
+        window: list[float] = []
+        last_loss = math.nan
+        session_start, session_wall0 = time.perf_counter(), self.state.wall_s
+
+        for step in range(self.state.step, tc.steps):
+            # 1. Loss over the micro-batches of this step (noise and data keyed by (seed, step)).
+            for group in self.optimizer.param_groups:
+                group["lr"] = _lr_at(step, self.config.optim.lr, self.config.optim.warmup_steps)
+            self.optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(tc.grad_accum):
+                x0, labels = self.stream.batch((step * tc.grad_accum + micro) * micro_global, micro_global, self.device)
+                rng = StepRandom.for_step(tc.seed, step, micro, self.device, info.rank, info.world)
+                with self._no_sync(micro < tc.grad_accum - 1), self._autocast():
+                    loss = self.objective(self.model, x0, labels if self.config.network.conditional else None, step, rng).mean()
+                (loss / tc.grad_accum).backward()
+                step_loss += loss.item() / tc.grad_accum
+
+            # 2. Update weights (optionally clipped), then the EMAs.
+            if self.config.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.optim.grad_clip)
+            self.optimizer.step()
+            for ema, decay in zip(self.emas, tc.ema_decays):
+                update_ema(ema, self.net, decay)
+            check(math.isfinite(step_loss), f"loss became {step_loss} at step {step}; lower optim.lr or set optim.grad_clip")
+
+            # 3. Book-keeping and maintenance (rank 0 logs, evaluates, samples and writes).
+            done = step + 1
+            self.state.step, self.state.images_seen = done, done * tc.batch_size
+            self.state.wall_s = session_wall0 + time.perf_counter() - session_start
+            window.append(step_loss)
+            last_loss = step_loss
+            progress.update(done, step_loss)
+            final = done == tc.steps
+            if logger and (done % tc.log_every == 0 or final):
+                logger.log(done, {"loss": sum(window) / len(window), "lr": self.optimizer.param_groups[0]["lr"]}, **self._compute())
+                window.clear()
+            if info.main and self.evaluator and self.config.eval.every and (done % self.config.eval.every == 0 or final):
+                self._evaluate(done, logger)
+            if info.main and ((tc.sample_every and done % tc.sample_every == 0) or final):
+                self.sample_grid(done)
+            if done % tc.checkpoint_every == 0 or final:
+                self.save(done)
+        progress.close()
+        if logger:
+            logger.close()
+        self._barrier()
+        return RunResult(self.run_dir, self.state.step, last_loss, self.state.wall_s, self.state.images_seen)
+
+    def _no_sync(self, skip: bool):
+        import contextlib
+
+        return self.model.no_sync() if skip and isinstance(self.model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
+    def _autocast(self):
+        use_bf16 = self.config.train.precision == "bf16" and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def _compute(self) -> dict:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"images_seen": self.state.images_seen, "device": name, "world": self.info.world}
+
+    # ---- maintenance
+    def _evaluate(self, step: int, logger: RunLogger | None) -> None:
+        metrics = self.evaluator(self.emas[0], step)
+        record = {"step": step, "wall_s": round(self.state.wall_s, 3), **self._compute(), **metrics}
+        self.state.metrics.append(record)
+        key = next(iter(metrics))  # the first metric decides "best" (lower is better)
+        if self.state.best is None or metrics[key] < self.state.best[key]:
+            self.state.best = record
+            self.save(step, name_suffix="best")
+        if logger:
+            logger.log(step, {f"eval/{k}": v for k, v in metrics.items()}, **self._compute())
+
+    @torch.no_grad()
+    def sample_grid(self, step: int) -> Path:
+        """Write `samples/step-N.png` (and `samples/latest.png`) from fixed noise with the first EMA."""
+        ema, z = self.emas[0], self.grid_noise.to(self.device)
+        labels = None
+        if self.config.network.conditional:
+            labels = torch.arange(len(z), device=self.device) % self.dataset.num_classes
+        if self.config.objective.kind == "edm":
+            images = edm_heun_sample(ema, z, 18, labels, self.config.network.sigma_min, self.config.network.sigma_max)
+        else:
+            sigmas = parse_sigmas(self.config.train.sample_sigmas, self.config.network.sigma_max)
+            images = consistency_sample(ema, z, sigmas, labels, torch.Generator(self.device).manual_seed(1), self.config.network.sigma_min)
+        out = self.run_dir / "samples"
+        out.mkdir(exist_ok=True)
+        path = save_grid(images, out / f"step-{step:09d}.png")
+        save_grid(images, out / "latest.png")
+        return path
+
+    def save(self, step: int, name_suffix: str | None = None) -> None:
+        """Checkpoint the network, EMAs, optimiser and run state (rank 0 writes)."""
+        if not self.info.main:
+            return
+        modules = {"net": self.net.state_dict()}
+        modules.update({_ema_name(i): ema.state_dict() for i, ema in enumerate(self.emas)})
+        state = {
+            "config": self.config.to_dict(),
+            "data_info": self.data_info,
+            "ema_decays": list(self.config.train.ema_decays),
+            "kind": self.config.objective.kind,
+            "step": step,
+            "images_seen": self.state.images_seen,
+            "wall_s": self.state.wall_s,
+            "metrics": self.state.metrics,
+            "best": self.state.best,
+            "torch": torch.__version__,
+        }
+        extra = {"optimizer": self.optimizer.state_dict()}
+        target = self.run_dir if name_suffix is None else self.run_dir / name_suffix
+        save_checkpoint(target, step, modules, state, extra, keep=self.config.train.keep_checkpoints)
+
+
+def train(config: Config, resume: bool = False, evaluator: Evaluator | None = None) -> RunResult:
+    """Train (or resume) the run described by `config`; returns a small summary."""
+    return Trainer(config, resume, evaluator).run()

@@ -1,0 +1,134 @@
+"""The training runtime: exact resume, 2-process DDP (gloo), CLI smoke runs and bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ayt.build import build_net
+from ayt.checkpoint import load_checkpoint
+from ayt.cli import main
+from ayt.config import load_config
+from ayt.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.resolution=8", "data.num_samples=256",
+    "network.overrides={model_channels: 16, num_blocks: 1, attn_resolutions: []}",
+    "train.grid_size=4", "train.sample_every=0", "train.log_every=1",
+    "log.progress=false", "log.tensorboard=false",
+]
+
+
+def tiny(run_dir: Path, *extra: str) -> list[str]:
+    return TINY + [f"train.run_dir={run_dir}", *extra]
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    """A run stopped at step 3 and resumed to 6 equals an uninterrupted run (weights, EMA, optimiser)."""
+    common = ["objective.stage_steps=2", "network.dropout=0.3", "train.checkpoint_every=3", "train.batch_size=4"]
+    straight = train(load_config(None, tiny(tmp_path / "a", *common, "train.steps=6")))
+    train(load_config(None, tiny(tmp_path / "b", *common, "train.steps=3")))
+    resumed = train(load_config(None, tiny(tmp_path / "b", *common, "train.steps=6")), resume=True)
+    assert straight.step == resumed.step == 6
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    for name in ("net", "ema0"):
+        for key, value in a.modules[name].items():
+            assert torch.equal(value, b.modules[name][key]), (name, key)
+    opt_a, opt_b = a.extra["optimizer"]["state"], b.extra["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+    # the log was continued, not duplicated
+    assert main(["report", str(tmp_path / "b"), "--out", str(tmp_path / "rep")]) == 0
+
+
+def _run_worker(out: Path, args: list[str], nproc: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(out), *args]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+    subprocess.run(cmd, check=True, env=env, timeout=240, capture_output=True)
+
+
+def test_two_process_gloo_matches_one_process(tmp_path):
+    """2 ranks at global batch 8 hold identical weights, equal to 1 process at batch 8 (dropout 0)."""
+    args = ["objective.stage_steps=2", "network.dropout=0", "train.batch_size=8", "train.steps=4", "train.checkpoint_every=4", "train.device=cpu"]
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "one").mkdir()
+    _run_worker(tmp_path / "ddp", tiny(tmp_path / "ddp" / "run", *args), nproc=2)
+    _run_worker(tmp_path / "one", tiny(tmp_path / "one" / "run", *args), nproc=1)
+    r0, r1 = load_file(tmp_path / "ddp" / "rank0.safetensors"), load_file(tmp_path / "ddp" / "rank1.safetensors")
+    single = load_file(tmp_path / "one" / "rank0.safetensors")
+    torch.manual_seed(0)  # the trainer's initial weights (train.seed = 0)
+    start = build_net(load_config(None, tiny(tmp_path, *args)), 8, 3).state_dict()
+    moved = 0.0
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key  # DDP keeps ranks in lockstep
+        # same data and noise: only float reduction order differs (measured max diff 1.7e-10)
+        assert torch.allclose(r0[key], single[key], atol=1e-6, rtol=0), key
+        moved = max(moved, (single[key] - start[key]).abs().max().item())
+    assert moved > 1e-4  # training really changed the weights, so the comparison means something
+    ema = load_checkpoint(tmp_path / "ddp" / "run").modules["ema0"]
+    assert all(torch.isfinite(v).all() for v in ema.values())
+
+
+def test_cli_train_then_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *tiny(run, "train.steps=3", "train.checkpoint_every=2")]) == 0
+    assert (run / "config.yaml").is_file() and (run / "samples" / "latest.png").is_file()
+    assert len(list((run / "checkpoints").glob("step-*"))) == 2
+    assert main(["sample", str(run), "-n", "6", "--steps", "2", "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz")]) == 0
+    import numpy as np
+
+    images = np.load(tmp_path / "s.npz")["images"]
+    assert images.shape == (6, 8, 8, 3) and images.dtype == np.uint8
+    assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_cli_dry_run_prints_resolved_config(capsys):
+    assert main(["train", "--config", str(ROOT / "configs" / "cifar10-ect.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "preset: cifar10-ddpmpp" in out and "batch_size: 128" in out and "stage_steps: 25000" in out
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    assert "did you mean 'batch_size'" in _error(capsys, ["train", "train.batch_sise=3"])
+    assert "must be > 0" in _error(capsys, ["train", "train.batch_size=-1"])
+    assert "no config.yaml" in _error(capsys, ["train", "--resume", str(tmp_path)])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "cannot write" in _error(capsys, ["train", *tiny(blocker / "run", "train.steps=1")])
+
+
+def test_existing_run_is_never_overwritten_and_bad_checkpoints_are_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *tiny(run, "train.steps=2", "train.checkpoint_every=1")]) == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "already holds a run" in _error(capsys, ["train", *tiny(run, "train.steps=4")])
+    # another architecture
+    cfg = run / "config.yaml"
+    text = cfg.read_text()
+    cfg.write_text(text.replace("model_channels: 16", "model_channels: 24"))
+    assert "another architecture" in _error(capsys, ["train", "--resume", str(run), "train.steps=4"])
+    cfg.write_text(text)
+    # a truncated checkpoint
+    latest = load_checkpoint(run).path
+    weights = latest / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert "corrupt" in _error(capsys, ["train", "--resume", str(run), "train.steps=4"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing deleted
+
+
+def test_module_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "ayt", "--help"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode == 0 and "train" in out.stdout and "sample" in out.stdout
