@@ -1,6 +1,5 @@
 """ECT and EDM objectives: per-example shapes, the r = 0 target, the shared dropout mask, overfitting."""
 
-import pytest
 import torch
 from torch import nn
 
@@ -124,3 +123,54 @@ def test_tiny_model_overfits_64_shapes_with_edm():
         opt.step()
     after = fixed_edm_loss(net, x0)
     assert after < before / 4, (before, after)  # measured: about 1.9 -> 0.2 (2026-11-28)
+
+
+def _output_gradient(objective, step: int) -> tuple[torch.Tensor, "ConsistencyPair"]:
+    """Gradient of the summed ECT loss with respect to the student output f(x_t, t)."""
+    net, x0 = tiny_net(), shapes(6)
+    pair = objective.draw(net, x0, None, step, StepRandom(torch.Generator().manual_seed(4)))
+    pair.student = pair.student.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective.loss(pair, step).sum(), pair.student)
+    return grad, pair
+
+
+def _unit(g: torch.Tensor) -> torch.Tensor:
+    return g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Per-example relative agreement of two gradient batches."""
+    err = (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
+    return bool((err < 1e-5).all())
+
+
+def _distance_gradient(distance, pair) -> torch.Tensor:
+    f = pair.student.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(distance(f, pair.target).sum(), f)
+    return g
+
+
+def test_aligned_mode_sends_w_times_unit_gradient():
+    from ayt.build import build_objective
+    from ayt.config import load_config
+
+    config = load_config(None, ["distance.mode=aligned", "distance.name=pseudo_huber", "objective.stage_steps=null", "objective.q=256"])
+    grad, pair = _output_gradient(build_objective(config), step=0)
+    expected = pair.weight.view(-1, 1, 1, 1) * _unit(_distance_gradient(build_distance("pseudo_huber"), pair))
+    assert _close(grad, expected)
+    assert torch.allclose(grad.flatten(1).norm(dim=1), pair.weight, rtol=1e-4)
+
+
+def test_pixel_plus_aligned_mode_ramps_lambda():
+    from ayt.build import build_objective
+    from ayt.config import load_config
+
+    overrides = ["distance.mode=pixel+aligned", "distance.name=l2", "distance.pixel=pseudo_huber",
+                 "distance.weight=0.5", "distance.ramp_steps=100", "objective.stage_steps=null", "objective.q=256"]
+    objective = build_objective(load_config(None, overrides))
+    assert objective.extra_lambda(0) == 0 and objective.extra_lambda(50) == 0.25 and objective.extra_lambda(500) == 0.5
+    grad, pair = _output_gradient(objective, step=50)
+    w = pair.weight.view(-1, 1, 1, 1)
+    pixel = _distance_gradient(build_distance("pseudo_huber"), pair)
+    aligned = _unit(_distance_gradient(build_distance("l2"), pair))
+    assert _close(grad, w * (pixel + 0.25 * aligned))

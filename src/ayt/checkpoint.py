@@ -433,3 +433,21 @@ def _restore_cuda_rng(states: list[torch.Tensor]) -> None:
                       "visible GPUs; restoring the first ones only", stacklevel=3)
     for index, s in enumerate(states[: torch.cuda.device_count()]):
         torch.cuda.set_rng_state(s.cpu(), index)
+
+
+def load_weights_file(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """A third-party weights file (torchvision or torch-fidelity `.pth`), read weights-only.
+
+    `what` names the file's role in the error message, e.g. "LPIPS trunk weights".
+    Raises `AytError` if the file cannot be read or is not a state_dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AytError(f"{what} file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise AytError(f"cannot read {what} {path} ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise AytError(f"{what} {path} is not a state_dict")
+    return state

@@ -141,8 +141,11 @@ class ResNet18(FeatureNet):
 FEATURE_NETS = ("vgg16_bn", "resnet18", "tiny_vgg")
 
 
-def build_feature_net(name: str, *, in_channels: int, target_dim: int, resolution: int) -> FeatureNet:
-    """Build a feature network by name ("vgg16_bn" | "resnet18" | "tiny_vgg"); AytError on bad input."""
+def build_feature_net(name: str, *, in_channels: int, target_dim: int, resolution: int, width: int = 32) -> FeatureNet:
+    """Build a feature network by name ("vgg16_bn" | "resnet18" | "tiny_vgg"); AytError on bad input.
+
+    `width` is the tiny_vgg base width (the other architectures have fixed widths).
+    """
     check(in_channels >= 1, f"in_channels must be >= 1, got {in_channels}")
     check(target_dim >= 1, f"target_dim must be >= 1, got {target_dim}")
     check(resolution >= 8, f"feature nets need resolution >= 8, got {resolution}; use larger images")
@@ -151,5 +154,5 @@ def build_feature_net(name: str, *, in_channels: int, target_dim: int, resolutio
     if name == "resnet18":
         return ResNet18(in_channels, target_dim, resolution)
     if name == "tiny_vgg":
-        return TinyVGG(in_channels, target_dim, resolution=resolution)
+        return TinyVGG(in_channels, target_dim, width=width, resolution=resolution)
     raise AytError(f"unknown feature network {name!r}; use one of {', '.join(FEATURE_NETS)}")
