@@ -13,6 +13,7 @@ from ayt.config import Config, config_from_dict
 from ayt.data import ImageDataset, build_dataset
 from ayt.errors import AytError
 from ayt.losses import build_distance
+from ayt.losses.aligned import Aligned
 from ayt.nets import Precond, build_network
 from ayt.objectives import ECTObjective, EDMObjective
 from ayt.schedules import ect_gap
@@ -46,8 +47,12 @@ def build_net(config: Config, resolution: int, channels: int, num_classes: int =
     )
 
 
-def build_objective(config: Config) -> nn.Module:
-    """The training objective (`objective.kind`) with its distance."""
+def build_objective(config: Config, resolution: int | None = None, channels: int | None = None) -> nn.Module:
+    """The training objective (`objective.kind`) with its distance(s).
+
+    `resolution` and `channels` of the training images let feature distances check that their
+    network matches the data before training starts.
+    """
     o = config.objective
     p_mean, p_std = LOGNORMAL_DEFAULTS[o.kind]
     p_mean = o.p_mean if o.p_mean is not None else p_mean
@@ -60,14 +65,27 @@ def build_objective(config: Config) -> nn.Module:
             f"objective.q={o.q} with stage_steps={o.stage_steps} reaches stage {final_stage} by step {config.train.steps}, "
             f"where the gap t - r is below float32 resolution; raise objective.stage_steps or lower objective.q"
         )
-    distance = build_distance(config.distance.name, **distance_options(config))
-    return ECTObjective(distance, p_mean, p_std, o.q, o.k, o.b, o.stage_steps)
-
-
-def distance_options(config: Config) -> dict:
-    """Keyword options for `build_distance` taken from `config.distance`."""
     d = config.distance
-    return {"c": d.c} if d.name == "pseudo_huber" else {}
+    main = build_distance(d.name, **distance_options(config, d.name, resolution, channels))
+    if d.mode == "pixel":
+        return ECTObjective(main, p_mean, p_std, o.q, o.k, o.b, o.stage_steps)
+    if d.mode == "aligned":
+        return ECTObjective(Aligned(main), p_mean, p_std, o.q, o.k, o.b, o.stage_steps)
+    pixel = build_distance(d.pixel, **distance_options(config, d.pixel, resolution, channels))
+    return ECTObjective(pixel, p_mean, p_std, o.q, o.k, o.b, o.stage_steps, Aligned(main), d.weight, d.ramp_steps)
+
+
+def distance_options(config: Config, name: str, resolution: int | None = None, channels: int | None = None) -> dict:
+    """Keyword options for `build_distance(name)` taken from `config.distance`."""
+    d = config.distance
+    if name == "pseudo_huber":
+        return {"c": d.c}
+    if name == "mfd":
+        return {"features": d.features, "form": d.form, "layers": d.layers, "resolution": resolution, "channels": channels}
+    if name == "lpips":
+        return {"net": d.lpips_net, "upsample": d.lpips_upsample, "weights": d.lpips_weights}
+    return {}
+
 
 
 def model_key(checkpoint_modules: dict, which: str = "ema") -> str:

@@ -13,18 +13,23 @@ from ayt.errors import AytError, check
 
 
 # ---------------------------------------------------------------- commands
-def cmd_train(args: argparse.Namespace) -> int:
+def run_config(args: argparse.Namespace, command: str):
+    """The resolved config of `ayt train` / `ayt train-features`: preset or resumed run + overrides."""
     from ayt.config import load_config
 
     overrides = list(args.overrides)
     config_path = args.config
     if args.resume:
         run_dir = Path(args.resume)
-        check((run_dir / "config.yaml").is_file(), f"--resume {run_dir}: no config.yaml there; pass the folder of a run started with 'ayt train'")
+        check((run_dir / "config.yaml").is_file(), f"--resume {run_dir}: no config.yaml there; pass the folder of a run started with 'ayt {command}'")
         check(config_path is None, "--resume takes the run's own config.yaml; drop --config (overrides such as train.steps=N still apply)")
         config_path = run_dir / "config.yaml"
         overrides.append(f"train.run_dir={run_dir}")
-    config = load_config(config_path, overrides)
+    return load_config(config_path, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = run_config(args, "train")
     if args.dry_run:
         print(config.to_yaml(), end="")
         return 0
@@ -32,6 +37,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(config, resume=bool(args.resume))
     print(f"done: {result.step} steps, {result.images_seen} images, {result.wall_s:.1f} s, last loss {result.last_loss:.4g}; run folder {result.run_dir}")
+    return 0
+
+
+def cmd_train_features(args: argparse.Namespace) -> int:
+    config = run_config(args, "train-features")
+    if args.dry_run:
+        print(config.to_yaml(), end="")
+        return 0
+    from ayt.features.train import train_features
+
+    result = train_features(config, resume=bool(args.resume))
+    groups = result.heldout.get("groups", {})
+    ratios = ", ".join(f"{g} {v['ratio']:.3f}" for g, v in groups.items() if v["ratio"] is not None)
+    held = f"; held-out mse/mse_zero: {ratios}" if ratios else ""
+    print(f"done: {result.step} steps, {result.images_seen} images, {result.wall_s:.1f} s, last loss {result.last_loss:.4g}{held}; run folder {result.run_dir}")
     return 0
 
 
@@ -82,17 +102,30 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- parser
+def _add_run_args(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--config", type=Path, help="YAML preset (see configs/); omitted: library defaults")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint, with its config.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help=f"section.key=value, e.g. {example}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ayt", description="Consistency models trained fast with manifold-aligned tangents (AYT).")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train or resume a run (EDM diffusion, ECT, ECT+AYT)", description="Train from a YAML config plus section.key=value overrides. Multi-GPU: torchrun --nproc_per_node N -m ayt train ...")
-    p.add_argument("--config", type=Path, help="YAML preset (see configs/); omitted: library defaults")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint, with its config.yaml")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.batch_size=16 distance.name=l2")
+    _add_run_args(p, "train.batch_size=16 distance.name=l2")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "train-features",
+        help="train the feature network of the MFD distance (self-supervised)",
+        description="Train a feature network to regress random off-manifold perturbations (method.md section 4), "
+        "from the data, features, optim, train and log sections of a config. Multi-GPU: torchrun --nproc_per_node N -m ayt train-features ...",
+    )
+    _add_run_args(p, "features.arch=vgg16_bn features.subset=geo")
+    p.set_defaults(func=cmd_train_features)
 
     p = sub.add_parser("sample", help="generate images from a checkpoint", description="1-step or multistep sampling from a checkpoint (file or run folder).")
     p.add_argument("checkpoint", help="checkpoint folder or run folder (its latest checkpoint)")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ayt.checkpoint import find_latest
+from ayt.config import OptimConfig
 from ayt.data import ImageDataset
 from ayt.errors import AytError, check
 
@@ -103,3 +107,42 @@ def prepare_run_dir(run_dir: str | Path, resume: bool) -> Path:
     except OSError as err:
         raise AytError(f"cannot write to run folder {run_dir} ({err.strerror}); choose a writable train.run_dir") from None
     return run_dir
+
+
+# ---------------------------------------------------------------- optimisation helpers
+def make_optimizer(optim: OptimConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """RAdam (default) or Adam from `config.optim`."""
+    cls = torch.optim.RAdam if optim.name == "radam" else torch.optim.Adam
+    return cls(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+
+def lr_at(step: int, base: float, warmup: int) -> float:
+    """Learning rate at `step`: linear warm-up from 0 over `warmup` steps, then `base`."""
+    return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
+
+
+def wrap_ddp(net: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """`net` wrapped in DistributedDataParallel when there are several processes."""
+    if info.world == 1:
+        return net
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+
+def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """Skip DDP's gradient all-reduce for a micro-batch that is not the last of its step."""
+    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
+
+
+def finish_distributed(info: DistInfo) -> None:
+    """Leave the process group cleanly at the end of a torchrun job."""
+    if info.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ayt.build import build_data, build_net, build_objective, load_model
@@ -27,7 +26,18 @@ from ayt.config import Config, save_config
 from ayt.errors import check
 from ayt.images import save_grid
 from ayt.rng import StepRandom
-from ayt.runtime import BatchStream, init_distributed, prepare_run_dir, resolve_device
+from ayt.runtime import (
+    BatchStream,
+    barrier,
+    finish_distributed,
+    init_distributed,
+    lr_at,
+    make_optimizer,
+    no_sync,
+    prepare_run_dir,
+    resolve_device,
+    wrap_ddp,
+)
 from ayt.runlog import Progress, RunLogger
 from ayt.sampling import consistency_sample, edm_heun_sample, parse_sigmas
 
@@ -77,16 +87,6 @@ def _ema_name(i: int) -> str:
     return f"ema{i}"
 
 
-def _lr_at(step: int, base: float, warmup: int) -> float:
-    return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
-
-
-def _optimizer(config: Config, net: nn.Module) -> torch.optim.Optimizer:
-    o = config.optim
-    cls = torch.optim.RAdam if o.name == "radam" else torch.optim.Adam
-    return cls(net.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-
-
 def _init_from(net: nn.Module, path: str) -> None:
     """Copy the EMA weights of another run's checkpoint (e.g. an EDM model to tune with ECT)."""
     source, _ = load_model(path, which="ema")
@@ -109,7 +109,7 @@ class Trainer:
         if tc.precision == "bf16" and self.device.type != "cuda":
             warnings.warn("train.precision=bf16 uses autocast on CUDA only; this CPU run uses fp32")
         self.run_dir = prepare_run_dir(tc.run_dir, resume) if self.info.main else Path(tc.run_dir)
-        self._barrier()
+        barrier(self.info)
 
         # Data, network, EMAs, objective, optimiser.
         self.dataset = build_data(config)
@@ -125,8 +125,8 @@ class Trainer:
             _init_from(self.net, config.objective.init)
         self.net.to(self.device).train()
         self.emas = [make_ema(self.net) for _ in tc.ema_decays]
-        self.objective = build_objective(config).to(self.device)
-        self.optimizer = _optimizer(config, self.net)
+        self.objective = build_objective(config, self.dataset.resolution, self.dataset.channels).to(self.device)
+        self.optimizer = make_optimizer(config.optim, self.net.parameters())
         self.state = RunState()
         if resume:
             self._restore()
@@ -139,17 +139,7 @@ class Trainer:
 
     # ---- set-up helpers
     def _wrap(self, net: nn.Module) -> nn.Module:
-        model = net
-        if self.config.train.compile:
-            model = torch.compile(model)
-        if self.info.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return model
-
-    def _barrier(self) -> None:
-        if self.info.world > 1:
-            dist.barrier()
+        return wrap_ddp(torch.compile(net) if self.config.train.compile else net, self.info, self.device)
 
     def _restore(self) -> None:
         ckpt = load_checkpoint(self.run_dir, map_location="cpu")
@@ -180,13 +170,13 @@ class Trainer:
         for step in range(self.state.step, tc.steps):
             # 1. Loss over the micro-batches of this step (noise and data keyed by (seed, step)).
             for group in self.optimizer.param_groups:
-                group["lr"] = _lr_at(step, self.config.optim.lr, self.config.optim.warmup_steps)
+                group["lr"] = lr_at(step, self.config.optim.lr, self.config.optim.warmup_steps)
             self.optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for micro in range(tc.grad_accum):
                 x0, labels = self.stream.batch((step * tc.grad_accum + micro) * micro_global, micro_global, self.device)
                 rng = StepRandom.for_step(tc.seed, step, micro, self.device, info.rank, info.world)
-                with self._no_sync(micro < tc.grad_accum - 1), self._autocast():
+                with no_sync(self.model, micro < tc.grad_accum - 1), self._autocast():
                     loss = self.objective(self.model, x0, labels if self.config.network.conditional else None, step, rng).mean()
                 (loss / tc.grad_accum).backward()
                 step_loss += loss.item() / tc.grad_accum
@@ -219,13 +209,8 @@ class Trainer:
         progress.close()
         if logger:
             logger.close()
-        self._barrier()
+        finish_distributed(self.info)
         return RunResult(self.run_dir, self.state.step, last_loss, self.state.wall_s, self.state.images_seen)
-
-    def _no_sync(self, skip: bool):
-        import contextlib
-
-        return self.model.no_sync() if skip and isinstance(self.model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
 
     def _autocast(self):
         use_bf16 = self.config.train.precision == "bf16" and self.device.type == "cuda"

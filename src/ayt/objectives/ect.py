@@ -2,6 +2,11 @@
 
 Per example: `w(t, r) * d(f(x_t, t), stopgrad f(x_r, r))` with the same `x_0` and `eps` in both
 calls and the same dropout mask, `w = 1 / (t - r)`, and target `x_0` when `r = 0`.
+
+AYT (method.md section 4) enters through `d`: the aligned MFD term alone (`d = Aligned(MFD)`,
+the reference runs), or added to the pixel distance with a weight `lambda(step)` that ramps
+linearly from 0 to `extra_weight` over `extra_ramp_steps`:
+`w * (d(f, y) + lambda(step) * extra(f, y))`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class ECTObjective(nn.Module):
         q, k, b: the `t -> r` mapping; `d(stage) = q^-(stage+1)`.
         stage_steps: steps per ECT stage (published: 25k at batch 128); `None` keeps stage 0
             forever (the AYT reference: `q = 256`, fixed).
+        extra, extra_weight, extra_ramp_steps: an optional second distance added with weight
+            `lambda(step)` (e.g. the aligned MFD term next to pseudo-Huber).
     """
 
     def __init__(
@@ -53,12 +60,21 @@ class ECTObjective(nn.Module):
         k: float = 8.0,
         b: float = 1.0,
         stage_steps: int | None = 25_000,
+        extra: nn.Module | None = None,
+        extra_weight: float = 1.0,
+        extra_ramp_steps: int = 0,
     ):
         super().__init__()
-        self.distance = distance
+        self.distance, self.extra = distance, extra
+        self.extra_weight, self.extra_ramp_steps = extra_weight, extra_ramp_steps
         self.p_mean, self.p_std = p_mean, p_std
         self.q, self.k, self.b = q, k, b
         self.stage_steps = stage_steps
+
+    def extra_lambda(self, step: int) -> float:
+        """`lambda(step)`: the weight of the extra distance, ramped linearly from 0."""
+        ramp = min(1.0, step / self.extra_ramp_steps) if self.extra_ramp_steps > 0 else 1.0
+        return self.extra_weight * ramp
 
     def stage(self, step: int) -> int:
         """The ECT stage at training step `step`."""
@@ -89,5 +105,11 @@ class ECTObjective(nn.Module):
         step: int = 0,
         rng: StepRandom | None = None,
     ) -> torch.Tensor:
-        pair = self.draw(net, x0, labels, step, rng)
-        return pair.weight * self.distance(pair.student, pair.target)
+        return self.loss(self.draw(net, x0, labels, step, rng), step)
+
+    def loss(self, pair: ConsistencyPair, step: int) -> torch.Tensor:
+        """Per-example `w * (d(f, y) + lambda(step) * extra(f, y))` [B] for a drawn pair."""
+        d = self.distance(pair.student, pair.target)
+        if self.extra is not None:
+            d = d + self.extra_lambda(step) * self.extra(pair.student, pair.target)
+        return pair.weight * d
