@@ -66,3 +66,12 @@ def test_cifar10_ect_preset_is_the_published_recipe():
     assert (c.objective.p_mean, c.objective.p_std, c.objective.q, c.objective.stage_steps) == (-1.1, 2.0, 2.0, 25000)
     edm = load_config(CONFIGS / "cifar10-edm.yaml")
     assert edm.objective.kind == "edm" and edm.network.dropout == 0.13
+
+
+def test_ayt_presets_are_the_reference_recipe():
+    c = load_config(CONFIGS / "cifar10-ect-ayt.yaml")
+    assert (c.distance.name, c.distance.mode, c.distance.form) == ("mfd", "aligned", "reference")
+    assert c.objective.q == 256 and c.objective.stage_steps is None and c.train.batch_size == 64
+    f = load_config(CONFIGS / "cifar10-features.yaml")
+    assert (f.features.arch, f.features.subset, f.features.p, f.features.ramp_steps) == ("vgg16_bn", "all", 0.15, 50000)
+    assert f.train.batch_size == 512 and f.train.steps == 400000 and f.optim.lr == 1e-4

@@ -131,3 +131,17 @@ def test_existing_run_is_never_overwritten_and_bad_checkpoints_are_refused(tmp_p
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "ayt", "--help"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert out.returncode == 0 and "train" in out.stdout and "sample" in out.stdout
+
+
+def test_cli_ect_with_aligned_mfd(tmp_path, capsys):
+    """train-features, then ECT with the aligned MFD of that network, then sampling."""
+    feats = tmp_path / "features"
+    assert main(["train-features", *tiny(feats, "train.steps=2", "train.batch_size=8", "features.width=4", "features.holdout=16")]) == 0
+    run = tmp_path / "ayt"
+    argv = tiny(run, "train.steps=2", "distance.name=mfd", "distance.mode=aligned", f"distance.features={feats}")
+    assert main(["train", *argv]) == 0
+    assert load_checkpoint(run).step == 2
+    # a feature network of another resolution is refused before training starts
+    other = tmp_path / "other"
+    assert "resolution" in _error(capsys, ["train", *tiny(other, "data.resolution=16", "train.steps=1", "distance.name=mfd", "distance.mode=aligned", f"distance.features={feats}")])
+    assert not (other / "checkpoints").exists()
