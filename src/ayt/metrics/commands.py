@@ -1,0 +1,154 @@
+"""CLI commands of the metrics package: `ayt eval` and `ayt fid-stats` (wired in `ayt.cli`).
+
+Each `cmd_*` takes the parsed arguments and returns an exit code; bad input raises `AytError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ayt.errors import AytError, check
+
+_FAMILIES = ("auto", "manifold", "fd_digits", "fid")
+
+
+# ---------------------------------------------------------------- argument parsing helpers
+def parse_schedules(items: list[str], sigma_max: float, sigma_min: float) -> dict[str, list[float]]:
+    """`--steps` items ("1", "2", "80,0.821") -> {label: decreasing levels}."""
+    from ayt.sampling import check_decreasing, parse_sigmas
+
+    schedules = {}
+    for item in items:
+        levels = parse_sigmas(item, sigma_max)
+        try:
+            check_decreasing(levels, sigma_min)
+        except AytError as err:
+            hint = "; to evaluate several schedules separate them by spaces: --steps 1 2" if "," in item else ""
+            raise AytError(f"--steps {item}: {err}{hint}") from None
+        schedules[item] = levels
+    return schedules
+
+
+def parse_levels(text: str | None) -> list[float]:
+    """`--denoise 0.2,0.4,0.8` -> [0.2, 0.4, 0.8] (positive levels)."""
+    if not text:
+        return []
+    try:
+        levels = [float(s) for s in text.split(",")]
+    except ValueError:
+        raise AytError(f"--denoise {text}: give comma-separated noise levels such as 0.2,0.4,0.8") from None
+    check(all(s > 0 for s in levels), f"--denoise {text}: noise levels must be > 0")
+    return levels
+
+
+def markdown_table(results: dict[str, dict[str, dict]]) -> str:
+    """{schedule: {key: summary}} -> a markdown table, one row per schedule (mean, or mean ± std)."""
+    keys = list(dict.fromkeys(k for row in results.values() for k in row))
+    lines = ["| schedule | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for label, row in results.items():
+        cells = [_cell(row[k]) if k in row else "-" for k in keys]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(summary: dict) -> str:
+    if len(summary["values"]) == 1:
+        return f"{summary['mean']:.5g}"
+    return f"{summary['mean']:.5g} ± {summary['std']:.2g}"
+
+
+# ---------------------------------------------------------------- commands
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`ayt eval`: score a checkpoint under each schedule; print a table, optionally write JSON."""
+    from ayt.build import load_model
+    from ayt.metrics.evaluate import evaluate_runs, resolve_metric
+
+    check(args.num >= 2, f"--num {args.num}: evaluate at least 2 samples")
+    check(args.runs >= 1, f"--runs {args.runs}: must be >= 1")
+    denoise_sigmas = parse_levels(args.denoise)
+    net, config = load_model(args.checkpoint, which=args.weights, device=args.device)
+    if config.objective.kind == "edm":
+        schedules: dict[str, list[float] | str] = {f"heun{args.heun_steps}": "1"}
+    else:
+        schedules = dict(parse_schedules(args.steps, config.network.sigma_max, config.network.sigma_min))
+    results = {}
+    for i, (label, sigmas) in enumerate(schedules.items()):
+        results[label] = evaluate_runs(
+            net, config, runs=args.runs, metric=args.metric, num_samples=args.num, sigmas=sigmas, seed=args.seed,
+            device=args.device, inception_weights=args.inception_weights, ref_stats=args.ref_stats,
+            denoise_sigmas=denoise_sigmas if i == 0 else (), batch=args.batch, heun_steps=args.heun_steps)
+    print(markdown_table(results))
+    if args.out:
+        record = {"checkpoint": str(args.checkpoint), "weights": args.weights,
+                  "metric": resolve_metric(args.metric, config.data.name), "num_samples": args.num,
+                  "runs": args.runs, "seed": args.seed, "denoise_sigmas": denoise_sigmas, "results": results}
+        print(f"wrote {_write_json(record, Path(args.out))}")
+    return 0
+
+
+def cmd_fid_stats(args: argparse.Namespace) -> int:
+    """`ayt fid-stats`: Inception statistics (+ up to --keep-features rows) of a dataset."""
+    from ayt.data import build_dataset
+    from ayt.metrics.evaluate import reference_stats
+    from ayt.metrics.inception import FEATURE_KIND, InceptionFeatures
+
+    check(str(args.out).endswith(".npz"), f"--out {args.out}: the statistics file must end in .npz")
+    check(args.keep_features >= 0, f"--keep-features {args.keep_features}: must be >= 0")
+    dataset = build_dataset(args.data, root=args.root, resolution=args.resolution, num_samples=args.num_samples,
+                            seed=args.seed, split=args.split)
+    inception = InceptionFeatures(args.inception_weights, args.device, batch=args.batch)
+    stats = reference_stats(inception, dataset.images, FEATURE_KIND, args.batch, args.seed, args.keep_features)
+    path = stats.save(args.out)
+    kept = 0 if stats.features is None else len(stats.features)
+    print(f"wrote {path} ({stats.n} images of {args.data}, {stats.dim}-d features, {kept} feature rows kept)")
+    return 0
+
+
+def _write_json(record: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------- parsers
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Add `eval` and `fid-stats` to the `ayt` sub-command parsers."""
+    from ayt.data import DATASETS
+
+    p = subparsers.add_parser("eval", help="score a checkpoint (shapes manifold metrics, FD-digits or FID)",
+                              description="Sample from a checkpoint and score the samples with the dataset's metric "
+                                          "(shapes: manifold_rms ...; digits: fd_digits; others: FID, KID, precision, recall).")
+    p.add_argument("checkpoint", help="checkpoint folder or run folder (its latest checkpoint)")
+    p.add_argument("--metric", choices=_FAMILIES, default="auto", help="metric family (default auto: by dataset)")
+    p.add_argument("-n", "--num", type=int, default=10000, help="samples per evaluation (default 10000; the paper uses 50000)")
+    p.add_argument("--steps", nargs="+", default=["1"], metavar="SCHEDULE",
+                   help="consistency schedules, space-separated: 1, 2 (80, 0.821) or a comma list of levels (default 1)")
+    p.add_argument("--heun-steps", type=int, default=18, help="EDM Heun steps for diffusion checkpoints (default 18)")
+    p.add_argument("--runs", type=int, default=1, help="independent evaluations with seeds SEED.. (default 1)")
+    p.add_argument("--denoise", metavar="LEVELS", help="also score one-step denoising of training images, e.g. 0.2,0.4,0.8")
+    p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity Inception weights file (offline use)")
+    p.add_argument("--ref-stats", metavar="PATH", help="reference statistics from 'ayt fid-stats' (default: computed from the training data)")
+    p.add_argument("--weights", default="ema", help="which weights: ema (default), net, or a name such as ema1")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the first run (default 0)")
+    p.add_argument("--batch", type=int, default=256, help="images per network call (default 256)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--out", metavar="JSON", help="write the results (mean, std, min, max, values per key) here")
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("fid-stats", help="Inception reference statistics of a dataset (for eval --ref-stats)")
+    p.add_argument("--data", choices=DATASETS, required=True, help="dataset name")
+    p.add_argument("--root", help="data folder (cifar10, folder) or .npz file")
+    p.add_argument("--resolution", type=int, help="image size (default: the dataset's own)")
+    p.add_argument("--num-samples", type=int, help="a random subset of this size (default: all images)")
+    p.add_argument("--split", default="train", choices=["train", "test", "all"], help="split (default train)")
+    p.add_argument("--seed", type=int, default=0, help="subset / shapes seed (default 0)")
+    p.add_argument("--keep-features", type=int, default=10000, help="feature rows stored for KID and precision/recall (default 10000; 0: none)")
+    p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity Inception weights file (offline use)")
+    p.add_argument("--batch", type=int, default=64, help="images per Inception call (default 64)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--out", required=True, help="statistics file to write (.npz)")
+    p.set_defaults(func=cmd_fid_stats)
