@@ -1,0 +1,394 @@
+"""`ayt tangents`: do training updates of a consistency model move along the data manifold or towards it?
+
+method.md section 3. For each checkpoint (ECT runs only) and each requested tangent, on one fixed
+analysis batch (`--num` images, each at the `--buckets` noise levels, seeded):
+
+- shapes data (known manifold): the fraction of each tangent's squared norm that lies along the
+  manifold and its cosine with the direction towards the manifold, per noise-level bucket; with
+  several checkpoints of one run, how much successive updates cancel (`decompose.oscillation`);
+- any other dataset: the picture only (plus tangent norms) -- there is no manifold to split
+  against. This is automatic and printed as a note; `--picture-only` asks for the same on shapes.
+
+Writes into `--out`: `tangents.json` (every number), `tangents.md` (tables), plots
+`parallel_vs_t.png` (and `parallel_vs_step.png` for several checkpoints of one run) and
+`tangents.png` (the picture, last checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ayt.analysis.decompose import (
+    Decomposition,
+    bucket_means,
+    decompose_on_shapes,
+    oscillation,
+    project_on_shapes,
+)
+from ayt.analysis.pictures import picture_rows, tangent_picture
+from ayt.analysis.tangents import (
+    AnalysisBatch,
+    TangentSet,
+    all_tangents,
+    analysis_batch,
+    base_distance,
+    bucket_edges,
+    bucket_levels,
+    build_tangent_distance,
+    check_consistency_state,
+    is_continuous,
+    parse_tangent_names,
+)
+from ayt.build import LOGNORMAL_DEFAULTS, build_data, distance_options, load_model
+from ayt.checkpoint import list_checkpoints, load_checkpoint
+from ayt.config import Config
+from ayt.data.shapes import NUM_PARAMS
+from ayt.errors import check
+from ayt.schedules import ect_stage
+
+MANIFOLD_DATASETS = ("shapes",)
+
+
+# ---------------------------------------------------------------- parser
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `ayt tangents` on the CLI's subparsers; returns the new parser."""
+    p = subparsers.add_parser(
+        "tangents", help="split CM training tangents into parts along / towards the data manifold",
+        description="Tangents of consistency checkpoints on a fixed batch: parallel fraction and cosine to the "
+        "manifold per noise level (shapes data), oscillation across checkpoints of one run, and a picture. "
+        "Datasets without a known manifold get the picture only (printed as a note).")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint or run folders of ECT runs (a run folder means its latest checkpoint)")
+    p.add_argument("--distances", default="pseudo_huber,continuous", help="comma list: distances (l2, pseudo_huber, squared_l2, l1, lpips, mfd), NAME:aligned, continuous, continuous:mfd (default pseudo_huber,continuous)")
+    p.add_argument("--features", help="feature-network checkpoint (ayt train-features) for mfd tangents")
+    p.add_argument("--lpips-weights", help="torchvision trunk weights file for lpips tangents (offline use)")
+    p.add_argument("--num", type=int, default=64, help="images in the analysis batch; each is used at every noise level (default 64)")
+    p.add_argument("--buckets", type=int, default=6, help="noise levels: medians of this many equal-probability buckets of the training t distribution (default 6)")
+    p.add_argument("--stage", type=int, help="ECT stage of the t -> r map (default: the stage the last checkpoint trained at)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the analysis batch and of the manifold fits (default 0)")
+    p.add_argument("--all-checkpoints", action="store_true", help="expand each run folder to all its complete checkpoints")
+    p.add_argument("--picture-only", action="store_true", help="skip the manifold decomposition (automatic for data without a known manifold)")
+    p.add_argument("--picture-images", type=int, default=4, help="images shown in the picture (default 4)")
+    p.add_argument("--weights", default="ema", help="which weights: ema (default), net, or a name such as ema1")
+    p.add_argument("--out", help="output folder (default RUN_OF_FIRST_CHECKPOINT/tangents)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.set_defaults(func=run_cli)
+    return p
+
+
+# ---------------------------------------------------------------- loading
+@dataclass
+class Model:
+    """One consistency checkpoint: its folder, run folder, step, network and config."""
+
+    path: Path
+    run: Path
+    step: int
+    net: nn.Module
+    config: Config
+    data_info: dict
+
+
+def checkpoint_paths(paths: list[str], expand: bool) -> list[Path]:
+    """The given paths; with `expand`, each run folder is replaced by all its complete checkpoints."""
+    result = []
+    for path in map(Path, paths):
+        found = list_checkpoints(path) if expand and (path / "checkpoints").is_dir() else []
+        result += found or [path]
+    return result
+
+
+def load_models(paths: list[Path], which: str, device: str) -> list[Model]:
+    """Load every checkpoint; AytError for diffusion checkpoints or mixed datasets. Sorted by step
+    when all come from one run."""
+    models = []
+    for path in paths:
+        ckpt = load_checkpoint(path)
+        check_consistency_state(ckpt.state, str(ckpt.path))
+        net, config = load_model(ckpt.path, which=which, device=device)
+        models.append(Model(ckpt.path, ckpt.path.parent.parent, ckpt.step, net, config, ckpt.state["data_info"]))
+    first = models[0]
+    for m in models[1:]:
+        check(m.data_info == first.data_info, f"{m.path} was trained on {m.data_info} but {first.path} on "
+              f"{first.data_info}; compare checkpoints trained on the same data")
+    return sorted(models, key=lambda m: m.step) if one_run(models) else models
+
+
+def one_run(models: list[Model]) -> bool:
+    """Whether all models are checkpoints of one run (then they are compared across training)."""
+    return len({m.run.resolve() for m in models}) == 1
+
+
+# ---------------------------------------------------------------- the batch and the distances
+def make_batch(model: Model, num: int, buckets: int, stage: int, seed: int, device: str) -> AnalysisBatch:
+    """The fixed analysis batch: `num` training images (seeded choice) at `buckets` levels."""
+    check(num >= 1, f"--num {num}: need at least one image")
+    dataset = build_data(model.config)
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(dataset), generator=generator)[:num]
+    o = model.config.objective
+    p_mean, p_std = _lognormal(model.config)
+    labels = dataset.labels[index].to(device) if model.net.label_dim else None
+    return analysis_batch(dataset.images[index].to(device), bucket_levels(buckets, p_mean, p_std), generator,
+                          stage, o.q, o.k, o.b, labels)
+
+
+def _lognormal(config: Config) -> tuple[float, float]:
+    """(P_mean, P_std) of the run's training `t` distribution."""
+    o = config.objective
+    p_mean, p_std = LOGNORMAL_DEFAULTS[o.kind]
+    return (o.p_mean if o.p_mean is not None else p_mean), (o.p_std if o.p_std is not None else p_std)
+
+
+def default_stage(model: Model) -> int:
+    """The ECT stage the checkpoint was trained at (0 for a fixed stage)."""
+    steps = model.config.objective.stage_steps
+    return 0 if steps is None else ect_stage(model.step, steps)
+
+
+def build_modules(names: list[str], model: Model, args: argparse.Namespace, device: str) -> dict[str, nn.Module | None]:
+    """name -> distance module (continuous: its feature distance, or None for pixels)."""
+    check(not any(base_distance(n) == "mfd" for n in names) or args.features,
+          "mfd tangents need a feature network: pass --features FEATURE_CHECKPOINT (train one with 'ayt train-features')")
+    d = dataclasses.replace(model.config.distance, features=args.features,
+                            lpips_weights=args.lpips_weights or model.config.distance.lpips_weights)
+    config = dataclasses.replace(model.config, distance=d)
+    res, ch = model.data_info["resolution"], model.data_info["channels"]
+    modules: dict[str, nn.Module | None] = {}
+    for name in names:
+        base = base_distance(name)
+        options = distance_options(config, base, res, ch) if base else {}
+        if is_continuous(name):
+            modules[name] = None if base is None else build_tangent_distance(base, **options).to(device)
+        else:
+            modules[name] = build_tangent_distance(name, **options).to(device)
+    return modules
+
+
+# ---------------------------------------------------------------- analysis
+@dataclass
+class CheckpointResult:
+    """Tangents of one checkpoint and, on a known manifold, their decompositions and fit quality."""
+
+    model: Model
+    tangents: TangentSet
+    parts: dict[str, Decomposition] | None
+    fit_rms: Tensor | None  # [B]
+    direction_fraction: Tensor | None  # [B] parallel fraction of the towards-manifold direction (ideal 0)
+
+
+def analyse(model: Model, batch: AnalysisBatch, modules: dict[str, nn.Module | None], manifold: bool, seed: int) -> CheckpointResult:
+    """Tangents of one checkpoint; decomposed on the shapes manifold when `manifold`."""
+    tangents = all_tangents(model.net, batch, modules)
+    if not manifold:
+        return CheckpointResult(model, tangents, None, None, None)
+    projection = project_on_shapes(tangents.output, generator=torch.Generator().manual_seed(seed))
+    parts = {name: decompose_on_shapes(g, tangents.output, projection) for name, g in tangents.tangents.items()}
+    direction = decompose_on_shapes(projection.rendered - tangents.output, tangents.output, projection)
+    return CheckpointResult(model, tangents, parts, projection.rms, direction.parallel_fraction)
+
+
+def summarise(result: CheckpointResult, batch: AnalysisBatch) -> dict:
+    """Per-bucket means of one checkpoint: per tangent `norm`, and on a manifold
+    `parallel_fraction` and `cosine_to_manifold`; plus `fit_rms` and `direction_parallel_fraction`."""
+    k = len(batch.levels)
+    per = {name: {"norm": bucket_means(g.flatten(1).norm(dim=1), batch.bucket, k)} for name, g in result.tangents.tangents.items()}
+    out = {"checkpoint": str(result.model.path), "step": result.model.step, "tangents": per}
+    if result.parts is not None:
+        for name, part in result.parts.items():
+            per[name]["parallel_fraction"] = bucket_means(part.parallel_fraction, batch.bucket, k)
+            per[name]["cosine_to_manifold"] = bucket_means(part.cosine, batch.bucket, k)
+        out["fit_rms"] = bucket_means(result.fit_rms, batch.bucket, k)
+        out["direction_parallel_fraction"] = bucket_means(result.direction_fraction, batch.bucket, k)
+    return out
+
+
+def oscillation_summary(results: list[CheckpointResult], batch: AnalysisBatch) -> dict:
+    """Per tangent and part (tangent, parallel, orthogonal): per-bucket successive cosine and
+    consistency ratio across the checkpoints (training order)."""
+    k = len(batch.levels)
+    out = {}
+    for name in results[0].tangents.tangents:
+        parts = {"tangent": torch.stack([r.tangents.tangents[name].flatten(1) for r in results])}
+        if results[0].parts is not None:
+            parts["parallel"] = torch.stack([r.parts[name].parallel for r in results])
+            parts["orthogonal"] = torch.stack([r.parts[name].orthogonal for r in results])
+        out[name] = {}
+        for part, stacked in parts.items():
+            osc = oscillation(stacked)
+            out[name][part] = {"successive_cosine": bucket_means(osc.successive_cosine, batch.bucket, k),
+                               "consistency": bucket_means(osc.consistency, batch.bucket, k)}
+    return out
+
+
+# ---------------------------------------------------------------- writing
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def table(rows: dict[str, list[float]], levels: list[float]) -> list[str]:
+    """A markdown table: one row per name, one column per noise level."""
+    lines = ["| | " + " | ".join(f"t={t:.3g}" for t in levels) + " |", "|---|" + "---|" * len(levels)]
+    lines += [f"| {name} | " + " | ".join(_fmt(v) for v in values) + " |" for name, values in rows.items()]
+    return lines + [""]
+
+
+def markdown(report: dict) -> str:
+    """`tangents.md`: per checkpoint the parallel-fraction and cosine tables, then oscillation."""
+    levels = report["levels"]
+    lines = ["# CM tangents", "", (f"Data: {report['data']}; {report['num_images']} images x {len(levels)} noise levels; "
+             f"ECT stage {report['stage']}; seed {report['seed']}. Tangent = the direction training moves the output "
+             "f(x_t, t) (method.md section 3)."), ""]
+    if report["manifold"]:
+        lines += [("Parallel fraction = share of the tangent's squared norm along the shapes manifold (1 = along, "
+                   "0 = across; a random direction gives k/D = "
+                   f"{report['chance_parallel_fraction']:.4f}); cosine = cos(tangent, render(p*) - f), 1 = straight "
+                   "towards the manifold. The pixel distances l2, pseudo_huber and squared_l2 all push along y - f, so "
+                   "their fractions and cosines coincide; so do NAME and NAME:aligned (only the size differs)."), ""]
+    for ck in report["checkpoints"]:
+        lines += [f"## {ck['checkpoint']} (step {ck['step']})", ""]
+        keys = ("parallel_fraction", "cosine_to_manifold", "norm") if report["manifold"] else ("norm",)
+        for key in keys:
+            lines += [f"{key.replace('_', ' ')}:", ""] + table({n: v[key] for n, v in ck["tangents"].items()}, levels)
+        if report["manifold"]:
+            lines += ["fit quality (RMS of f to its projection; parallel fraction of the towards direction, ideally 0):", ""]
+            lines += table({"fit rms": ck["fit_rms"], "direction parallel": ck["direction_parallel_fraction"]}, levels)
+    if report.get("oscillation"):
+        lines += ["## Oscillation across checkpoints", "",
+                  ("consistency = ||sum_k g_k|| / sum_k ||g_k|| over checkpoints (1 = same direction, ~0 = cancelling); "
+                   "successive cosine = mean cos(g_k, g_k+1)."), ""]
+        for measure in ("consistency", "successive_cosine"):
+            rows = {f"{n} {part}": v[measure] for n, parts in report["oscillation"].items() for part, v in parts.items()}
+            lines += [f"{measure.replace('_', ' ')}:", ""] + table(rows, levels)
+    return "\n".join(lines)
+
+
+def _json_safe(obj):
+    """NaN -> None, recursively (strict JSON)."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def plot_vs_t(report: dict, path: Path) -> Path:
+    """Parallel fraction and cosine to the manifold versus t (last checkpoint), one curve per tangent."""
+    import matplotlib.pyplot as plt
+
+    last = report["checkpoints"][-1]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in zip(axes, ("parallel_fraction", "cosine_to_manifold")):
+        for name, values in last["tangents"].items():
+            ax.plot(report["levels"], [math.nan if v is None else v for v in values[key]], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("noise level t")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"step {last['step']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_vs_step(report: dict, path: Path) -> Path:
+    """Parallel fraction versus training step, one panel per noise level, one curve per tangent."""
+    import matplotlib.pyplot as plt
+
+    levels, cks = report["levels"], report["checkpoints"]
+    fig, axes = plt.subplots(1, len(levels), figsize=(2.6 * len(levels) + 1, 3.2), squeeze=False)
+    for b, ax in enumerate(axes[0]):
+        for name in cks[0]["tangents"]:
+            ys = [ck["tangents"][name]["parallel_fraction"][b] for ck in cks]
+            ax.plot([ck["step"] for ck in cks], [math.nan if y is None else y for y in ys], marker="o", label=name)
+        ax.set_title(f"t = {levels[b]:.3g}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("parallel fraction")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_picture(result: CheckpointResult, batch: AnalysisBatch, num: int, path: Path) -> Path:
+    """The paper-style picture of the first `num` images of the batch (one checkpoint)."""
+
+    def grid(x: Tensor) -> Tensor:
+        return picture_rows(batch.grid(x), num)
+
+    tangents = {name: grid(g) for name, g in result.tangents.tangents.items()}
+    return tangent_picture(grid(batch.x_t), grid(result.tangents.output), tangents, batch.levels.cpu(), path,
+                           title=f"{result.model.run.name}, step {result.model.step}")
+
+
+# ---------------------------------------------------------------- the command
+def run_cli(args: argparse.Namespace) -> int:
+    """Run `ayt tangents` (see the module docstring)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    names = parse_tangent_names(args.distances)
+    check(args.picture_images >= 1, f"--picture-images {args.picture_images}: need at least 1")
+    models = load_models(checkpoint_paths(args.checkpoints, args.all_checkpoints), args.weights, args.device)
+    last = models[-1]
+    manifold = last.data_info["name"] in MANIFOLD_DATASETS and not args.picture_only
+    if last.data_info["name"] not in MANIFOLD_DATASETS:
+        print(f"note: {last.data_info['name']} data has no known manifold, so there is no parallel/orthogonal split; "
+              "writing the picture and tangent norms only (the decomposition needs data.name=shapes)")
+    modules = build_modules(names, last, args, args.device)
+    stage = default_stage(last) if args.stage is None else args.stage
+    check(stage >= 0, f"--stage {stage}: the ECT stage must be >= 0")
+    batch = make_batch(last, args.num, args.buckets, stage, args.seed, args.device)
+    results = [analyse(m, batch, modules, manifold, args.seed) for m in models]
+    out = Path(args.out) if args.out else models[0].run / "tangents"
+    out.mkdir(parents=True, exist_ok=True)
+    report = _report(results, batch, last, manifold, stage, args)
+    _write(report, results, batch, out, args.picture_images)
+    return 0
+
+
+def _report(results: list[CheckpointResult], batch: AnalysisBatch, last: Model, manifold: bool, stage: int,
+            args: argparse.Namespace) -> dict:
+    p_mean, p_std = _lognormal(last.config)
+    report = {
+        "data": last.data_info["name"], "manifold": manifold, "num_images": batch.num_images,
+        "levels": batch.levels.tolist(), "bucket_edges": bucket_edges(len(batch.levels), p_mean, p_std),
+        "stage": stage, "seed": args.seed, "distances": list(results[0].tangents.tangents),
+        "checkpoints": [summarise(r, batch) for r in results],
+    }
+    if manifold:
+        info = last.data_info
+        report["chance_parallel_fraction"] = NUM_PARAMS / (info["channels"] * info["resolution"] ** 2)
+    if len(results) >= 2 and one_run([r.model for r in results]):
+        report["oscillation"] = oscillation_summary(results, batch)
+    elif len(results) >= 2:
+        print("note: the checkpoints come from different runs; no oscillation measures (give checkpoints of one run)")
+    return report
+
+
+def _write(report: dict, results: list[CheckpointResult], batch: AnalysisBatch, out: Path, picture_images: int) -> None:
+    written = [out / "tangents.json", out / "tangents.md"]
+    written[0].write_text(json.dumps(_json_safe(report), indent=1))
+    written[1].write_text(markdown(report))
+    if report["manifold"]:
+        written.append(plot_vs_t(report, out / "parallel_vs_t.png"))
+        if "oscillation" in report:
+            written.append(plot_vs_step(report, out / "parallel_vs_step.png"))
+    written.append(write_picture(results[-1], batch, picture_images, out / "tangents.png"))
+    for path in written:
+        print(f"wrote {path}")
