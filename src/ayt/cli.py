@@ -1,4 +1,6 @@
-"""Command line: `ayt demo | train | sample | report` (see `ayt COMMAND --help`).
+"""Command line: `ayt demo | train | train-features | sample | eval | fid-stats | tangents | report`.
+
+See `ayt COMMAND --help`.
 
 Bad input ends with one readable line on stderr and exit code 2 (`--debug` shows the traceback).
 """
@@ -140,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="images per network call (default 256)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.set_defaults(func=cmd_sample)
+
+    from ayt.analysis.commands import add_parser as add_tangents
+    from ayt.metrics.commands import add_parsers as add_eval
+
+    add_eval(sub)
+    add_tangents(sub)
 
     p = sub.add_parser("demo", help="end-to-end demo on built-in shapes data (about 10 minutes on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo); a rerun reuses finished stages")

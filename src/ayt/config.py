@@ -141,9 +141,12 @@ class EvalConfig:
     """In-training evaluation (the metric depends on the dataset)."""
 
     every: int = 0  # evaluate the EMA model every N steps (0 = off)
-    metric: str = "auto"  # auto | none (metric plug-ins add names)
+    metric: str = "auto"  # auto (by dataset) | manifold (shapes) | fd_digits | fid | none
     num_samples: int = 1000
     sigmas: str = "1"  # sampling schedule evaluated
+    denoise_sigmas: list[float] = field(default_factory=list)  # also score one-step denoising at these t
+    inception_weights: str | None = None  # fid: local Inception weights file (offline use)
+    ref_stats: str | None = None  # fid: reference statistics (.npz from 'ayt fid-stats')
 
 
 @dataclass
@@ -265,6 +268,8 @@ def _rules_train(c: TrainConfig) -> None:
 def _rules_eval(c: EvalConfig) -> None:
     _positive(c.every, "eval.every", zero=True)
     _positive(c.num_samples, "eval.num_samples")
+    _one_of(c.metric, ["auto", "manifold", "fd_digits", "fid", "none"], "eval.metric")
+    check(all(s > 0 for s in c.denoise_sigmas), f"eval.denoise_sigmas={c.denoise_sigmas} must be > 0")
 
 
 def _rules_log(c: LogConfig) -> None:

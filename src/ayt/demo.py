@@ -1,8 +1,10 @@
 """`ayt demo`: the main job end to end on built-in data, sized for a 2-core CPU.
 
 1. pretrain a tiny EDM diffusion model on `shapes` 16x16;
-2. tune it into a consistency model with ECT (pseudo-Huber distance);
-3. write 1-step and 2-step sample grids, loss curves and `report.md`.
+2. train a tiny self-supervised feature network (the MFD's phi);
+3. tune the same diffusion model twice with ECT: pseudo-Huber (the ECT baseline) and the
+   aligned MFD (ECT + AYT), with the same budget;
+4. write 1-step and 2-step sample grids, loss and metric curves side by side, and `report.md`.
 
 Each stage is an ordinary run folder under the demo folder; running the demo again reuses
 finished stages and resumes unfinished ones (nothing is deleted).
@@ -13,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,6 +25,7 @@ from ayt.config import Config, config_from_dict
 from ayt.images import save_grid
 from ayt.report import write_report
 from ayt.sampling import DEFAULT_T_MID, consistency_sample
+from ayt.features.train import train_features
 from ayt.train import train
 
 
@@ -29,13 +33,15 @@ from ayt.train import train
 class DemoSize:
     """Step budgets of the demo stages."""
 
-    edm_steps: int = 2000
-    ect_steps: int = 1200
+    edm_steps: int = 1500
+    feature_steps: int = 1000
+    ect_steps: int = 1000
     edm_batch: int = 32
+    feature_batch: int = 64
     ect_batch: int = 16
 
 
-SIZES = {"full": DemoSize(), "quick": DemoSize(edm_steps=200, ect_steps=100)}
+SIZES = {"full": DemoSize(), "quick": DemoSize(edm_steps=100, feature_steps=50, ect_steps=60)}
 
 
 def _base(run_dir: Path, steps: int, batch: int, progress: bool) -> dict:
@@ -64,25 +70,38 @@ def edm_config(out: Path, size: DemoSize, progress: bool = True) -> Config:
     return config_from_dict(values)
 
 
+def features_config(out: Path, size: DemoSize, progress: bool = True) -> Config:
+    """Stage 2: the self-supervised feature network (all 15 perturbations, p = 0.5)."""
+    values = _base(out / "features", size.feature_steps, size.feature_batch, progress)
+    values["features"] = {"arch": "tiny_vgg", "width": 16, "subset": "all", "p": 0.5, "holdout": 512}
+    values["optim"] = {"lr": 1e-3}
+    return config_from_dict(values)
+
+
 def ect_config(out: Path, size: DemoSize, distance: str = "pseudo_huber", progress: bool = True) -> Config:
-    """Stage 2: ECT tuning of the stage-1 model; the gap halves 4 times over the run."""
+    """Stage 3: ECT tuning of the stage-1 model; the gap halves 4 times over the run.
+
+    `distance="mfd"` is ECT + AYT: the aligned (unit-gradient) MFD of the stage-2 network.
+    """
     values = _base(out / f"ect-{distance}", size.ect_steps, size.ect_batch, progress)
     values["objective"] = {"kind": "ect", "init": str(out / "edm"), "stage_steps": max(1, size.ect_steps // 4)}
     values["distance"] = {"name": distance}
+    if distance == "mfd":
+        values["distance"].update({"mode": "aligned", "features": str(out / "features")})
     values["optim"] = {"lr": 2e-4}
     values["train"]["ema_decays"] = [0.99]
     return config_from_dict(values)
 
 
-def run_stage(config: Config) -> Path:
+def run_stage(config: Config, trainer: Callable[..., object] = train, what: str = "") -> Path:
     """Train, resume or reuse the run folder of one stage."""
     run_dir = Path(config.train.run_dir)
     latest = find_latest(run_dir) if run_dir.is_dir() else None
     if latest is not None and load_checkpoint(latest).step >= config.train.steps:
         print(f"[demo] reusing finished run {run_dir}")
         return run_dir
-    print(f"[demo] training {run_dir} ({config.objective.kind}, {config.train.steps} steps)")
-    train(config, resume=latest is not None)
+    print(f"[demo] training {run_dir} ({what or config.objective.kind}, {config.train.steps} steps)")
+    trainer(config, resume=latest is not None)
     return run_dir
 
 
@@ -102,12 +121,15 @@ def run_demo(out_dir: str | Path = "runs/demo", size: str = "full", progress: bo
     out, budget = Path(out_dir), SIZES[size]
     start = time.perf_counter()
     edm = run_stage(edm_config(out, budget, progress))
-    ect = run_stage(ect_config(out, budget, "pseudo_huber", progress))
-    grids = write_grids(ect, out)
-    report = write_report([edm, ect], out, title="ayt demo: EDM pretraining, then ECT tuning on shapes 16x16")
-    lines = ["", "## Consistency samples (EMA, fixed noise)", ""]
-    lines += [f"**{name}**\n\n![{name}]({path.name})\n" for name, path in grids.items()]
-    lines += [f"Demo wall-clock: {time.perf_counter() - start:.0f} s (`ayt demo --size {size}`)."]
+    run_stage(features_config(out, budget, progress), train_features, "feature network")
+    tuned = [run_stage(ect_config(out, budget, d, progress), what=f"ect, {d}") for d in ("pseudo_huber", "mfd")]
+    report = write_report([edm, *tuned], out, title="ayt demo: EDM pretraining, then ECT tuning with pseudo-Huber vs aligned MFD on shapes 16x16")
+    lines = ["", "## Consistency samples (EMA, fixed noise, same noise for both runs)", ""]
+    lines += ["| run | 1-step | 2-step |", "|---|---|---|"]
+    for run in tuned:
+        grids = write_grids(run, out)
+        lines += [f"| {run.name} | ![1-step]({grids['1-step'].name}) | ![2-step]({grids['2-step'].name}) |"]
+    lines += ["", f"Demo wall-clock: {time.perf_counter() - start:.0f} s (`ayt demo --size {size}`)."]
     with report.open("a") as f:
         f.write("\n".join(lines) + "\n")
     print(f"[demo] report: {report}")

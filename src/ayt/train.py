@@ -131,6 +131,10 @@ class Trainer:
         if resume:
             self._restore()
         self.model = self._wrap(self.net)
+        if self.evaluator is None and config.eval.every and self.info.main:
+            from ayt.metrics.evaluate import build_evaluator
+
+            self.evaluator = build_evaluator(config, self.dataset, self.device)
         self.stream = BatchStream(self.dataset, tc.seed, self.info)
         self.grid_noise = torch.randn(
             (tc.grid_size, self.dataset.channels, self.dataset.resolution, self.dataset.resolution),
@@ -274,5 +278,9 @@ class Trainer:
 
 
 def train(config: Config, resume: bool = False, evaluator: Evaluator | None = None) -> RunResult:
-    """Train (or resume) the run described by `config`; returns a small summary."""
+    """Train (or resume) the run described by `config`; returns a small summary.
+
+    With `eval.every > 0` and no `evaluator` given, the dataset's metric (`ayt.metrics`) scores
+    the first EMA model every `eval.every` steps and the best checkpoint is kept in `RUN_DIR/best`.
+    """
     return Trainer(config, resume, evaluator).run()
