@@ -22,14 +22,6 @@ from ayt.metrics.frechet import FeatureStats
 SMALL_NET = {"model_channels": 16}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: small CPU ops are far faster than two contending threads on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make(data: str, resolution: int, channels: int, kind: str = "ect") -> tuple[torch.nn.Module, Config]:
     config = Config(data=DataConfig(name=data, resolution=resolution, num_samples=64 if data == "shapes" else None),

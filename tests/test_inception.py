@@ -13,14 +13,6 @@ from ayt.metrics import inception
 from ayt.metrics.inception import InceptionFeatures, to_uint8_rgb
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: small CPU ops are far faster than two contending threads on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):

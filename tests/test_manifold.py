@@ -22,14 +22,6 @@ from ayt.metrics.manifold import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: the fit is many small ops, far faster than two contending threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def normalised_errors(fitted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """|fitted - truth| in normalised units `[B, P]`, the angle measured on its circle of period pi."""

@@ -7,7 +7,7 @@ from ayt.data.shapes import render, sample_params
 from ayt.losses import build_distance
 from ayt.nets import build_network
 from ayt.nets.dropout import SeededDropout
-from ayt.objectives import ECTObjective, EDMObjective
+from ayt.objectives import ConsistencyPair, ECTObjective, EDMObjective
 from ayt.rng import StepRandom
 
 
@@ -125,7 +125,7 @@ def test_tiny_model_overfits_64_shapes_with_edm():
     assert after < before / 4, (before, after)  # measured: about 1.9 -> 0.2 (2026-11-28)
 
 
-def _output_gradient(objective, step: int) -> tuple[torch.Tensor, "ConsistencyPair"]:
+def _output_gradient(objective, step: int) -> tuple[torch.Tensor, ConsistencyPair]:
     """Gradient of the summed ECT loss with respect to the student output f(x_t, t)."""
     net, x0 = tiny_net(), shapes(6)
     pair = objective.draw(net, x0, None, step, StepRandom(torch.Generator().manual_seed(4)))

@@ -31,14 +31,6 @@ from ayt.losses.aligned import Aligned
 from ayt.losses.mfd import MFD
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny tensors gain nothing from two, and lose much when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 TINY_NET = "network.overrides={model_channels: 16, num_blocks: 1, attn_resolutions: []}"
 

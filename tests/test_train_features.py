@@ -19,14 +19,6 @@ from ayt.losses import build_distance
 from ayt.runlog import read_log
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Train on one thread: on 2 shared, busy cores two threads made these runs 5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _config(run_dir: Path, *overrides: str):
     base = ["data.name=shapes", "data.resolution=16", "data.num_samples=200", "features.holdout=32",
