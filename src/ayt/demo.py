@@ -88,6 +88,7 @@ def ect_config(out: Path, size: DemoSize, distance: str = "pseudo_huber", progre
     values["distance"] = {"name": distance}
     if distance == "mfd":
         values["distance"].update({"mode": "aligned", "features": str(out / "features")})
+    values["eval"] = {"every": max(1, size.ect_steps // 5), "num_samples": 512}  # exact shapes metrics
     values["optim"] = {"lr": 2e-4}
     values["train"]["ema_decays"] = [0.99]
     return config_from_dict(values)

@@ -1,0 +1,49 @@
+"""CUDA checks (run with `pytest -m gpu` on a machine with a GPU; skipped elsewhere)."""
+
+import pytest
+import torch
+
+from ayt.cli import main
+from ayt.checkpoint import load_checkpoint
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+TINY = [
+    "data.resolution=16", "data.num_samples=512", "train.grid_size=16", "train.sample_every=0",
+    "log.progress=false", "log.tensorboard=false", "train.device=cuda",
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_edm_then_ect_then_ayt_on_cuda(tmp_path, precision):
+    edm, feats, ayt = tmp_path / "edm", tmp_path / "features", tmp_path / "ayt"
+    assert main(["train", *TINY, "objective.kind=edm", "train.steps=20", f"train.precision={precision}", f"train.run_dir={edm}"]) == 0
+    assert main(["train-features", *TINY, "train.steps=20", "train.batch_size=64", f"train.run_dir={feats}"]) == 0
+    argv = [*TINY, "train.steps=20", f"train.precision={precision}", f"objective.init={edm}", "distance.name=mfd",
+            "distance.mode=pixel+aligned", f"distance.features={feats}", "eval.every=10", "eval.num_samples=128", f"train.run_dir={ayt}"]
+    assert main(["train", *argv]) == 0
+    ckpt = load_checkpoint(ayt)
+    assert ckpt.step == 20 and all(torch.isfinite(v).all() for v in ckpt.modules["ema0"].values())
+    assert len(ckpt.state["metrics"]) == 2
+    assert main(["sample", str(ayt), "-n", "32", "--steps", "2", "--device", "cuda", "--npz", str(tmp_path / "s.npz")]) == 0
+
+
+def test_shared_dropout_masks_on_cuda():
+    from ayt.nets import build_network
+    from ayt.nets.dropout import shared_dropout
+
+    net = build_network("tiny", img_resolution=16, in_channels=3, dropout=0.5).cuda().train()
+    x, t = torch.randn(4, 3, 16, 16, device="cuda"), torch.full((4,), 1.0, device="cuda")
+    with shared_dropout(net, 7):
+        a = net(x, t)
+    with shared_dropout(net, 7):
+        b = net(x, t)
+    assert torch.equal(a, b)
+
+
+def test_tangents_on_cuda(tmp_path):
+    run = tmp_path / "ect"
+    assert main(["train", *TINY, "train.steps=4", "train.checkpoint_every=2", f"train.run_dir={run}"]) == 0
+    assert main(["tangents", str(run), "--distances", "pseudo_huber,continuous", "--num", "8", "--buckets", "2",
+                 "--device", "cuda", "--out", str(tmp_path / "tan")]) == 0
+    assert (tmp_path / "tan" / "tangents.json").is_file()
