@@ -89,6 +89,8 @@ def ect_config(out: Path, size: DemoSize, distance: str = "pseudo_huber", progre
     if distance == "mfd":
         values["distance"].update({"mode": "aligned", "features": str(out / "features")})
     values["eval"] = {"every": max(1, size.ect_steps // 5), "num_samples": 512}  # exact shapes metrics
+    # four checkpoints along training, kept for `ayt tangents --all-checkpoints`
+    values["train"].update({"checkpoint_every": max(1, size.ect_steps // 4), "keep_checkpoints": 4})
     values["optim"] = {"lr": 2e-4}
     values["train"]["ema_decays"] = [0.99]
     return config_from_dict(values)

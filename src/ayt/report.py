@@ -57,12 +57,18 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
+def _largest(log: list[dict], key: str) -> float | None:
+    """The largest logged value of a counter (steps, images, seconds), or None."""
+    return max((r[key] for r in log if isinstance(r.get(key), (int, float))), default=None)
+
+
 def summary_rows(logs: dict[str, list[dict]], keys: list[str]) -> list[dict]:
     """Per run: final value of each key, best (minimum) value, and the compute spent."""
     rows = []
     for name, log in logs.items():
-        last = log[-1] if log else {}
-        row = {"run": name, "steps": last.get("step"), "images_seen": last.get("images_seen"), "wall_s": last.get("wall_s"), "device": last.get("device", "-")}
+        devices = [r["device"] for r in log if "device" in r]
+        row = {"run": name, "steps": _largest(log, "step"), "images_seen": _largest(log, "images_seen"),
+               "wall_s": _largest(log, "wall_s"), "device": devices[-1] if devices else "-"}
         for key in keys:
             values = [r[key] for r in log if key in r]
             row[f"{key} (final)"] = values[-1] if values else None
