@@ -33,9 +33,9 @@ from ayt.train import train
 class DemoSize:
     """Step budgets of the demo stages."""
 
-    edm_steps: int = 1500
-    feature_steps: int = 1000
-    ect_steps: int = 1000
+    edm_steps: int = 1000
+    feature_steps: int = 600
+    ect_steps: int = 600
     edm_batch: int = 32
     feature_batch: int = 64
     ect_batch: int = 16

@@ -30,9 +30,9 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None) -> Path:
-    """Save a PNG grid; small images are upscaled (nearest) so a grid is at least ~256 px wide."""
+    """Save a PNG grid; small images are upscaled (nearest) so a grid is at least ~384 px wide."""
     grid = make_grid(images, nrow)
-    scale = scale or max(1, 256 // grid.shape[1])
+    scale = scale or max(1, 384 // grid.shape[1])
     mode = "L" if grid.shape[2] == 1 else "RGB"
     img = Image.fromarray(grid[..., 0] if mode == "L" else grid, mode)
     if scale > 1:

@@ -62,8 +62,16 @@ def _largest(log: list[dict], key: str) -> float | None:
     return max((r[key] for r in log if isinstance(r.get(key), (int, float))), default=None)
 
 
+HIGHER_IS_BETTER = ("coverage", "precision", "recall", "accuracy")
+
+
+def better_is_higher(key: str) -> bool:
+    """Whether a larger value of a logged metric is better (coverage, precision, recall)."""
+    return key.rsplit("/", 1)[-1].startswith(HIGHER_IS_BETTER)
+
+
 def summary_rows(logs: dict[str, list[dict]], keys: list[str]) -> list[dict]:
-    """Per run: final value of each key, best (minimum) value, and the compute spent."""
+    """Per run: final value of each key, best value (min, or max where higher is better), compute spent."""
     rows = []
     for name, log in logs.items():
         devices = [r["device"] for r in log if "device" in r]
@@ -72,7 +80,8 @@ def summary_rows(logs: dict[str, list[dict]], keys: list[str]) -> list[dict]:
         for key in keys:
             values = [r[key] for r in log if key in r]
             row[f"{key} (final)"] = values[-1] if values else None
-            row[f"{key} (best)"] = min(values) if values else None
+            best = max if better_is_higher(key) else min
+            row[f"{key} (best)"] = best(values) if values else None
         rows.append(row)
     return rows
 
