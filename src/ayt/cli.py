@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end-to-end demo on built-in shapes data (about 10 minutes on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo); a rerun reuses finished stages")
-    p.add_argument("--size", choices=["full", "quick"], default="full", help="full (default) or quick (a smoke test of a minute)")
+    p.add_argument("--size", choices=["full", "quick", "long"], default="full", help="full (default), quick (a smoke test of a minute) or long (longer runs, for the tangent analysis)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 

@@ -41,7 +41,11 @@ class DemoSize:
     ect_batch: int = 16
 
 
-SIZES = {"full": DemoSize(), "quick": DemoSize(edm_steps=100, feature_steps=50, ect_steps=60)}
+SIZES = {
+    "full": DemoSize(),
+    "quick": DemoSize(edm_steps=100, feature_steps=50, ect_steps=60),
+    "long": DemoSize(edm_steps=1500, feature_steps=1000, ect_steps=1000),
+}
 
 
 def _base(run_dir: Path, steps: int, batch: int, progress: bool) -> dict:
