@@ -56,9 +56,19 @@ def karras_sigmas(
     ]
 
 
-def lognormal_bucket_edges(num: int, p_mean: float = -1.1, p_std: float = 2.0) -> list[float]:
-    """Noise-level bucket edges at equal probability under the lognormal `t` distribution."""
+def lognormal_quantile(q: float, p_mean: float = -1.1, p_std: float = 2.0) -> float:
+    """The `q`-quantile of `t = exp(N(P_mean, P_std^2))`."""
     from statistics import NormalDist
 
-    nd = NormalDist(p_mean, p_std)
-    return [math.exp(nd.inv_cdf(i / num)) for i in range(1, num)]
+    return math.exp(NormalDist(p_mean, p_std).inv_cdf(q))
+
+
+def lognormal_bucket_edges(num: int, p_mean: float = -1.1, p_std: float = 2.0) -> list[float]:
+    """The `num - 1` inner edges of `num` equal-probability buckets of the lognormal `t` distribution."""
+    return [lognormal_quantile(i / num, p_mean, p_std) for i in range(1, num)]
+
+
+def lognormal_bucket_medians(num: int, p_mean: float = -1.1, p_std: float = 2.0) -> list[float]:
+    """The medians of those buckets, increasing: quantiles `(i + 0.5) / num`."""
+    check(num >= 1, f"need at least 1 noise-level bucket, got {num}")
+    return [lognormal_quantile((i + 0.5) / num, p_mean, p_std) for i in range(num)]

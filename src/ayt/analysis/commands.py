@@ -40,7 +40,6 @@ from ayt.analysis.tangents import (
     all_tangents,
     analysis_batch,
     base_distance,
-    bucket_edges,
     bucket_levels,
     build_tangent_distance,
     check_consistency_state,
@@ -52,7 +51,7 @@ from ayt.checkpoint import list_checkpoints, load_checkpoint
 from ayt.config import Config
 from ayt.data.shapes import NUM_PARAMS
 from ayt.errors import check
-from ayt.schedules import ect_stage
+from ayt.schedules import ect_stage, lognormal_bucket_edges
 
 MANIFOLD_DATASETS = ("shapes",)
 
@@ -367,7 +366,7 @@ def _report(results: list[CheckpointResult], batch: AnalysisBatch, last: Model, 
     p_mean, p_std = _lognormal(last.config)
     report = {
         "data": last.data_info["name"], "manifold": manifold, "num_images": batch.num_images,
-        "levels": batch.levels.tolist(), "bucket_edges": bucket_edges(len(batch.levels), p_mean, p_std),
+        "levels": batch.levels.tolist(), "bucket_edges": lognormal_bucket_edges(len(batch.levels), p_mean, p_std),
         "stage": stage, "seed": args.seed, "distances": list(results[0].tangents.tangents),
         "checkpoints": [summarise(r, batch) for r in results],
     }

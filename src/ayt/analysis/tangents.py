@@ -21,11 +21,9 @@ Every network call here runs in eval mode (no dropout) and without parameter gra
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +31,7 @@ from torch import Tensor, nn
 from ayt.errors import AytError, check
 from ayt.losses import build_distance, distance_names
 from ayt.losses.aligned import Aligned
-from ayt.schedules import ect_r_from_t
+from ayt.schedules import ect_r_from_t, lognormal_bucket_medians
 
 ALIGNED = "aligned"
 CONTINUOUS = "continuous"
@@ -128,17 +126,9 @@ class AnalysisBatch:
 
 def bucket_levels(num: int, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
     """[num] noise levels, increasing: the medians of `num` equal-probability buckets of the
-    training distribution `t = exp(N(p_mean, p_std^2))` (method.md section 2), i.e.
-    `exp(p_mean + p_std * Phi^-1((i + 0.5) / num))`."""
+    training distribution `t = exp(N(p_mean, p_std^2))` (method.md section 2)."""
     check(num >= 1, f"--buckets {num}: need at least 1 noise-level bucket")
-    nd = NormalDist(p_mean, p_std)
-    return torch.tensor([math.exp(nd.inv_cdf((i + 0.5) / num)) for i in range(num)])
-
-
-def bucket_edges(num: int, p_mean: float = -1.1, p_std: float = 2.0) -> list[float]:
-    """The `num - 1` inner edges of the buckets of `bucket_levels` (equal training probability)."""
-    nd = NormalDist(p_mean, p_std)
-    return [math.exp(nd.inv_cdf(i / num)) for i in range(1, num)]
+    return torch.tensor(lognormal_bucket_medians(num, p_mean, p_std))
 
 
 def analysis_batch(
