@@ -1,0 +1,789 @@
+"""Convergence benchmark (issue 7): does ECT + AYT (aligned MFD) converge faster than ECT?
+
+Tests the two claims of method.md section 6 at CPU scale, on two built-in datasets:
+
+1. ECT + AYT reaches the ECT baseline's final quality about 10x sooner (here: the aligned MFD
+   at batch 64 reaches the final metric of pseudo-Huber at batch 64 within 1/10 of the steps);
+2. at 1/8 of the batch it matches the baseline (MFD at batch 8 ends at least as good as
+   pseudo-Huber at batch 64, same number of steps).
+
+Pipeline per dataset (shapes 16x16 with exact manifold metrics; digits 8x8 with FD-digits):
+one EDM diffusion model (tiny preset) and one tiny_vgg feature network are trained once and
+shared by every arm; the arms tune that diffusion model with ECT, using pseudo-Huber
+(`distance.mode=pixel`, ECT's baseline) or the aligned MFD (`distance.name=mfd`,
+`distance.mode=aligned`, the AYT reference form), at batch 8 and 64, over several seeds
+(`train.seed`), all with the same step budget. Each arm is trained in segments that end at the
+evaluation steps (a resumed run is bitwise identical to an uninterrupted one), so the EMA model
+is scored at log-spaced steps (dense early, where a 10x speed-up would show) and the logged
+`wall_s` is training time only (evaluation runs after the segment's clock stops).
+
+Runs go to `runs/bench/convergence[-quick]/` and are reused: rerunning skips finished runs and
+resumes unfinished ones. Results (JSON + PNG) go to `benchmarks/results/`; `--write
+BENCHMARKS.md` writes the "convergence" section.
+
+    python benchmarks/convergence.py --quick                      # < 10 min, 1 seed, whole pipeline
+    python benchmarks/convergence.py --write BENCHMARKS.md        # full size (< 90 min on 2 cores)
+    python benchmarks/convergence.py --ablations                  # small ablations on shapes, seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "src"))
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+PRIMARY = {"shapes": "manifold_rms", "digits": "fd_digits"}
+SECONDARY = {"shapes": ["param_fd", "coverage"], "digits": []}  # digits: KID only in the noise check
+HIGHER_IS_BETTER = {"coverage"}
+BASELINE = ("pseudo_huber", 64)  # the reference arm: ECT's pseudo-Huber at batch 64
+
+
+# ---------------------------------------------------------------- budgets
+@dataclass
+class Budget:
+    """Step budgets and evaluation sizes of one benchmark size."""
+
+    name: str
+    datasets: list[str]
+    seeds: list[int]
+    ect_steps: int  # the same for every arm
+    eval_steps: list[int]  # segment ends = evaluation steps (the last one is ect_steps)
+    batches: list[int] = field(default_factory=lambda: [8, 64])
+    edm_steps: dict[str, int] = field(default_factory=dict)  # None -> the preset's
+    feature_steps: dict[str, int] = field(default_factory=dict)
+    num_samples: dict[str, int] = field(default_factory=dict)  # eval.num_samples per dataset
+    noise_seeds: int = 3  # evaluation seeds for the metric-noise measurement
+    #: EMA decay of the tuned models, chosen so that the EMA keeps only ~3% of the initial
+    #: weights at the 1/10 budget point (decay^(steps/10) ~ 0.03); the presets' 0.99 would keep
+    #: 85% at step 16 and hide any early speed-up.
+    ema_decay: float = 0.8
+
+
+FULL = Budget(
+    name="full", datasets=["shapes", "digits"], seeds=[0, 1, 2], ect_steps=160,
+    eval_steps=[8, 16, 32, 60, 100, 160], ema_decay=0.8,
+    edm_steps={"shapes": 1200, "digits": 1500}, feature_steps={"shapes": 1000, "digits": 1000},
+    num_samples={"shapes": 256, "digits": 500},
+)
+#: A longer check (seed 0, batch 64) with the FULL budget's cached initialisations.
+LONG = Budget(
+    name="long", datasets=["shapes", "digits"], seeds=[0], ect_steps=480,
+    eval_steps=[12, 24, 48, 96, 160, 240, 360, 480], ema_decay=0.93, batches=[64],
+    edm_steps=FULL.edm_steps, feature_steps=FULL.feature_steps, num_samples=FULL.num_samples, noise_seeds=0,
+)
+QUICK = Budget(
+    name="quick", datasets=["shapes", "digits"], seeds=[0], ect_steps=40,
+    eval_steps=[10, 20, 40], ema_decay=0.5,
+    edm_steps={"shapes": 200, "digits": 300}, feature_steps={"shapes": 150, "digits": 150},
+    num_samples={"shapes": 128, "digits": 500},
+)
+
+
+# ---------------------------------------------------------------- arms
+@dataclass(frozen=True)
+class Arm:
+    """One way of tuning: a distance (and optional extra overrides) at one batch size."""
+
+    name: str  # e.g. "mfd" or "pseudo_huber"
+    batch: int
+    overrides: tuple[str, ...] = ()
+    features: str = "features"  # which cached feature network (folder name) MFD uses
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} b{self.batch}"
+
+    @property
+    def folder(self) -> str:
+        return f"{self.name}-b{self.batch}"
+
+
+MAIN_DISTANCES = {
+    "pseudo_huber": ("distance.name=pseudo_huber", "distance.mode=pixel"),
+    "mfd": ("distance.name=mfd", "distance.mode=aligned"),
+}
+#: Small ablations (shapes, seed 0): name -> (overrides, feature network folder).
+ABLATIONS = {
+    "mfd-squared": (("distance.name=mfd", "distance.mode=aligned", "distance.form=squared"), "features"),
+    "mfd-geo": (("distance.name=mfd", "distance.mode=aligned"), "features-geo"),
+    "mfd-pixelmode": (("distance.name=mfd", "distance.mode=pixel"), "features"),
+    "mfd-q256": (("distance.name=mfd", "distance.mode=aligned", "objective.stage_steps=null", "objective.q=256"), "features"),
+    "pseudo_huber-q256": (("distance.name=pseudo_huber", "distance.mode=pixel", "objective.stage_steps=null", "objective.q=256"), "features"),
+    "mfd-feat4k": (("distance.name=mfd", "distance.mode=aligned"), "features-4k"),
+    "l2": (("distance.name=l2", "distance.mode=pixel"), "features"),
+}
+#: Extra feature networks of the ablations: folder -> (steps, overrides).
+FEATURE_VARIANTS = {"features-geo": (1000, ("features.subset=geo",)), "features-4k": (4000, ())}
+
+
+def main_arms(budget: Budget) -> list[Arm]:
+    return [Arm(name, b, MAIN_DISTANCES[name]) for name in MAIN_DISTANCES for b in budget.batches]
+
+
+# ---------------------------------------------------------------- jobs (run in worker processes)
+def _worker_init() -> None:
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+
+
+def _common(run_dir: Path, steps: int) -> list[str]:
+    return [f"train.run_dir={run_dir}", f"train.steps={steps}", "log.progress=false", "log.tensorboard=false",
+            f"train.checkpoint_every={steps}", "train.keep_checkpoints=1"]
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    from ayt.checkpoint import find_latest, load_checkpoint
+
+    latest = find_latest(run_dir) if run_dir.is_dir() else None
+    return latest is not None and load_checkpoint(latest).step >= steps
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    from ayt.checkpoint import find_latest
+
+    return run_dir.is_dir() and find_latest(run_dir) is not None
+
+
+def run_init(kind: str, dataset: str, run_dir: str, steps: int, extra: tuple[str, ...] = ()) -> dict:
+    """Train (or reuse) the EDM initialisation or a feature network; returns its cost."""
+    from ayt.checkpoint import load_checkpoint
+    from ayt.config import load_config
+
+    run = Path(run_dir)
+    preset = ROOT / "configs" / f"{dataset}-{'edm' if kind == 'edm' else 'features'}.yaml"
+    config = load_config(preset, [*_common(run, steps), "train.sample_every=0", *extra])
+    start = time.perf_counter()
+    if not _finished(run, steps):
+        if kind == "edm":
+            from ayt.train import train
+
+            train(config, resume=_has_checkpoint(run))
+        else:
+            from ayt.features.train import train_features
+
+            train_features(config, resume=_has_checkpoint(run))
+    state = load_checkpoint(run).state
+    out = {"kind": kind, "dataset": dataset, "run_dir": str(run), "steps": state["step"],
+           "batch": config.train.batch_size, "images": state["images_seen"], "wall_s": state["wall_s"],
+           "session_s": time.perf_counter() - start}
+    if kind == "features":
+        out["heldout"] = state.get("heldout")
+    return out
+
+
+def _timed_evaluator(config):
+    """The dataset's metric on the EMA model (as the trainer's own evaluator) plus `eval_s`.
+
+    On digits the curve scores FD-digits only: KID (100 subsets in numpy) costs more than the
+    sampling and the FD together; it is measured at the end by `run_noise`.
+    """
+    import dataclasses
+
+    from ayt.build import build_data
+    from ayt.metrics.evaluate import FeatureScorer, _score_model, build_scorer
+
+    dataset, ec = build_data(config), config.eval
+    scorer = build_scorer(config, ec.metric, image_shape=(dataset.channels, dataset.resolution), dataset=dataset,
+                          device="cpu", seed=config.train.seed)
+    if isinstance(scorer, FeatureScorer):
+        scorer = dataclasses.replace(scorer, reference=dataclasses.replace(scorer.reference, features=None))
+
+    def evaluator(net, step):
+        start = time.perf_counter()
+        metrics = _score_model(net, config, scorer, num_samples=ec.num_samples, sigmas=ec.sigmas,
+                               seed=config.train.seed, device="cpu", batch=256, heun_steps=18,
+                               denoise_sigmas=[], dataset=dataset)
+        return {**metrics, "eval_s": time.perf_counter() - start}
+
+    return evaluator
+
+
+def run_arm(dataset: str, arm: Arm, seed: int, run_dir: str, init_dir: str, features_dir: str,
+            eval_steps: list[int], num_samples: int, ema_decay: float) -> dict:
+    """Tune the cached EDM model with one arm, in segments ending at `eval_steps`; returns the curve."""
+    from ayt.checkpoint import load_checkpoint
+    from ayt.config import load_config
+
+    run, total = Path(run_dir), eval_steps[-1]
+    done_file = run / "bench_done.json"
+    if done_file.is_file():
+        return json.loads(done_file.read_text())
+    waited = 0
+    while "distance.name=mfd" in arm.overrides and not _has_checkpoint(Path(features_dir)) and waited < 1800:
+        time.sleep(5)  # a feature network trained by another job of the same batch
+        waited += 5
+    preset = ROOT / "configs" / f"{dataset}-ect.yaml"
+    overrides = [*_common(run, total), f"train.batch_size={arm.batch}", f"train.seed={seed}",
+                 f"objective.init={init_dir}", f"objective.stage_steps={max(1, total // 4)}",
+                 f"distance.features={features_dir}", "train.sample_every=0",
+                 f"eval.every={total}", f"eval.num_samples={num_samples}", f"train.ema_decays=[{ema_decay}]",
+                 *arm.overrides]
+    start = time.perf_counter()
+    evaluator = None
+    for k in eval_steps:
+        if _finished(run, k):
+            continue
+        config = load_config(preset, [*overrides, f"train.steps={k}", f"train.checkpoint_every={k}"])
+        evaluator = evaluator or _timed_evaluator(config)
+        from ayt.train import train
+
+        train(config, resume=_has_checkpoint(run), evaluator=evaluator)
+    state = load_checkpoint(run).state
+    result = {"dataset": dataset, "arm": arm.name, "batch": arm.batch, "seed": seed, "run_dir": str(run),
+              "steps": state["step"], "images": state["images_seen"], "wall_s": state["wall_s"],
+              "curve": state["metrics"], "session_s": time.perf_counter() - start}
+    done_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_noise(dataset: str, run_dirs: list[str], runs: int, num_samples: int, seed: int = 1000) -> dict:
+    """Score the final EMA of each run with `runs` evaluation seeds: the metric's own noise."""
+    from ayt.build import load_model
+    from ayt.metrics.evaluate import evaluate_runs
+
+    out = {}
+    for run_dir in run_dirs:
+        net, config = load_model(run_dir)
+        start = time.perf_counter()
+        summary = evaluate_runs(net, config, runs=runs, num_samples=num_samples, seed=seed)
+        out[run_dir] = {"seconds": time.perf_counter() - start, **summary}
+    return {"dataset": dataset, "num_samples": num_samples, "runs": runs, "results": out}
+
+
+def lpips_status() -> str | None:
+    """None when LPIPS can be built here, else the reason it cannot."""
+    try:
+        from ayt.losses.distances import build_distance
+
+        build_distance("lpips", net="vgg", upsample=False, weights=None)
+        return None
+    except Exception as err:  # noqa: BLE001 -- AytError (weights missing offline) or a missing package
+        return str(err).splitlines()[0]
+
+
+# ---------------------------------------------------------------- orchestration
+class Runner:
+    """Submits jobs to a process pool (1 torch thread each) and logs start / end lines."""
+
+    def __init__(self, workers: int, deadline: float | None):
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init)
+        self.deadline = deadline
+        self.t0 = time.perf_counter()
+
+    def log(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.0f}s] {text}", flush=True)
+
+    def map(self, jobs: list[tuple[str, object, tuple]]) -> dict[str, object]:
+        """Run `(name, fn, args)` jobs; returns name -> result (or None where skipped / failed)."""
+        futures, results = {}, {}
+        for name, fn, args in jobs:
+            futures[self.pool.submit(_guarded, name, fn, args, self.deadline)] = name
+        for future in as_completed(futures):
+            name = futures[future]
+            status, value, seconds = future.result()
+            results[name] = value if status == "ok" else None
+            self.log(f"{status:7s} {name} ({seconds:.0f} s){'' if status == 'ok' else ': ' + str(value)}")
+        return results
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def _guarded(name: str, fn, args: tuple, deadline: float | None):
+    if deadline is not None and time.time() > deadline:
+        return "skipped", "past the deadline", 0.0
+    start = time.perf_counter()
+    try:
+        return "ok", fn(*args), time.perf_counter() - start
+    except Exception:  # noqa: BLE001 -- one failed run must not stop the others; it is reported
+        return "failed", traceback.format_exc(limit=3).strip().splitlines()[-1], time.perf_counter() - start
+
+
+def _seeds_first(budget: Budget, arms: list[Arm]) -> list[tuple[int, str, Arm]]:
+    """Job order: seed by seed (so a deadline cuts whole seeds), costly arms first within a seed."""
+    order = []
+    for seed in budget.seeds:
+        for dataset in budget.datasets:
+            for arm in sorted(arms, key=lambda a: -a.batch):
+                order.append((seed, dataset, arm))
+    return order
+
+
+def run_benchmark(budget: Budget, out: Path, workers: int, deadline: float | None, init_root: Path | None = None) -> dict:
+    """Train the cached inits, every arm x seed, then measure the metric noise; returns all results."""
+    runner = Runner(workers, deadline)
+    start = time.perf_counter()
+    runner.log(f"convergence benchmark '{budget.name}': {asdict(budget)} -> {out}")
+    lpips = lpips_status()
+    runner.log("LPIPS arm: " + ("available but not part of this budget" if lpips is None else f"skipped ({lpips})"))
+    init_jobs, init_root = [], init_root or out
+    for ds in budget.datasets:
+        init_jobs.append((f"{ds}/edm", run_init, ("edm", ds, str(init_root / ds / "edm"), budget.edm_steps[ds])))
+        init_jobs.append((f"{ds}/features", run_init, ("features", ds, str(init_root / ds / "features"), budget.feature_steps[ds])))
+    inits = runner.map(sorted(init_jobs, key=lambda j: j[0].endswith("features")))
+    arm_jobs = []
+    for seed, ds, arm in _seeds_first(budget, main_arms(budget)):
+        args = (ds, arm, seed, str(out / ds / f"{arm.folder}-s{seed}"), str(init_root / ds / "edm"),
+                str(init_root / ds / arm.features), budget.eval_steps, budget.num_samples[ds], budget.ema_decay)
+        arm_jobs.append((f"{ds}/{arm.folder}-s{seed}", run_arm, args))
+    arms = runner.map(arm_jobs)
+    noise_jobs = []
+    for ds in budget.datasets if budget.noise_seeds else []:
+        dirs = [str(out / ds / f"{name}-b64-s{budget.seeds[0]}") for name in MAIN_DISTANCES]
+        dirs = [d for d in dirs if (Path(d) / "bench_done.json").is_file()]
+        if dirs:
+            noise_jobs.append((f"{ds}/noise", run_noise, (ds, dirs, budget.noise_seeds, budget.num_samples[ds])))
+    noise = runner.map(noise_jobs)
+    runner.close()
+    total = time.perf_counter() - start
+    runner.log(f"done in {total:.0f} s")
+    return {"budget": asdict(budget), "workers": workers, "lpips_skipped": lpips, "inits": inits, "arms": arms,
+            "noise": noise, "total_wall_s": total}
+
+
+def run_ablations(out: Path, workers: int, budget: Budget, names: list[str], batch: int) -> dict:
+    """Small ablations on shapes, seed 0: each named variant (plus the geo feature net if needed)."""
+    runner = Runner(workers, None)
+    ds = "shapes"
+    variants = sorted({ABLATIONS[n][1] for n in names} & set(FEATURE_VARIANTS))
+    jobs = [(f"{ds}/{v}", run_init, ("features", ds, str(out / ds / v), *FEATURE_VARIANTS[v])) for v in variants]
+    for name in sorted(names, key=lambda n: ABLATIONS[n][1] in FEATURE_VARIANTS):  # those needing a new phi last
+        overrides, feats = ABLATIONS[name]
+        arm = Arm(name, batch, overrides, feats)
+        args = (ds, arm, 0, str(out / ds / "ablations" / f"{arm.folder}-s0"), str(out / ds / "edm"),
+                str(out / ds / feats), budget.eval_steps, budget.num_samples[ds], budget.ema_decay)
+        jobs.append((f"{ds}/ablation/{arm.folder}", run_arm, args))
+    results = runner.map(jobs)
+    runner.close()
+    return results
+
+
+# ---------------------------------------------------------------- analysis
+def _better(a: float, b: float, key: str) -> bool:
+    """Whether value `a` is at least as good as `b` for metric `key`."""
+    return a >= b if key in HIGHER_IS_BETTER else a <= b
+
+
+def _std(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def curves(results: dict, ds: str, arm: Arm) -> list[dict]:
+    """The per-seed results of one arm on one dataset."""
+    return [r for r in results["arms"].values() if r and r["dataset"] == ds and r["arm"] == arm.name and r["batch"] == arm.batch]
+
+
+def mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float], list[float], list[float]]:
+    """(steps, mean, min, max, mean train wall_s) over seeds at the evaluation steps all runs share."""
+    steps = sorted(set.intersection(*[{m["step"] for m in r["curve"]} for r in runs]))
+    mean, lo, hi, wall = [], [], [], []
+    for s in steps:
+        values = [next(m[key] for m in r["curve"] if m["step"] == s) for r in runs]
+        walls = [next(m["wall_s"] for m in r["curve"] if m["step"] == s) for r in runs]
+        mean.append(sum(values) / len(values))
+        lo.append(min(values))
+        hi.append(max(values))
+        wall.append(sum(walls) / len(walls))
+    return steps, mean, lo, hi, wall
+
+
+def first_reach(steps: list[int], values: list[float], target: float, key: str) -> int | None:
+    """The first evaluation step whose value is at least as good as `target` (None: never)."""
+    return next((s for s, v in zip(steps, values) if _better(v, target, key)), None)
+
+
+def crossing(steps: list[int], values: list[float], target: float, key: str) -> float | None:
+    """The step where the curve first reaches `target`, linearly interpolated between evaluations."""
+    reach = first_reach(steps, values, target, key)
+    if reach is None:
+        return None
+    i = steps.index(reach)
+    if i == 0 or values[i] == values[i - 1]:
+        return float(reach)
+    frac = (target - values[i - 1]) / (values[i] - values[i - 1])
+    return steps[i - 1] + min(max(frac, 0.0), 1.0) * (steps[i] - steps[i - 1])
+
+
+def _reach(runs: list[dict], key: str, target: float, total: int, base_wall: float) -> dict:
+    """When the mean curve over seeds (and each seed's curve) first gets as good as `target`."""
+    steps, mean, _, _, wall = mean_curve(runs, key)
+    reach = first_reach(steps, mean, target, key)
+    cross = crossing(steps, mean, target, key)
+    return {
+        "step": reach,
+        "interp_step": cross,
+        "interp_speedup": None if not cross else total / cross,
+        "per_seed": [first_reach(*mean_curve([r], key)[:2], target, key) for r in runs],
+        "speedup": None if reach is None else total / reach,
+        "wall_s": None if reach is None else wall[steps.index(reach)],
+        "wall_speedup": None if reach is None else base_wall / max(wall[steps.index(reach)], 1e-9),
+    }
+
+
+def _final(runs: list[dict], key: str) -> dict:
+    values = [r["curve"][-1][key] for r in runs]
+    return {"mean": sum(values) / len(values), "std": _std(values), "values": values}
+
+
+def summarise(results: dict) -> dict:
+    """Per dataset and metric: final values per arm, steps to the baseline's final value, the two claims."""
+    budget = results["budget"]
+    total = budget["ect_steps"]
+    base_label = f"{BASELINE[0]} b{BASELINE[1]}"
+    summary = {}
+    for ds in budget["datasets"]:
+        keys = [PRIMARY[ds], *SECONDARY[ds]]
+        rows = {}
+        for arm in main_arms(Budget(**budget)):
+            runs = curves(results, ds, arm)
+            if runs:
+                rows[arm.label] = {"runs": runs, "seeds": len(runs), "steps": runs[0]["steps"], "images": runs[0]["images"],
+                                   "wall_s": sum(r["wall_s"] for r in runs) / len(runs),
+                                   "eval_s": sum(sum(m.get("eval_s", 0.0) for m in r["curve"]) for r in runs) / len(runs),
+                                   "final": {k: _final(runs, k) for k in keys}}
+        if base_label not in rows:
+            continue
+        base = rows[base_label]
+        targets = {k: base["final"][k]["mean"] for k in keys}
+        for row in rows.values():
+            row["reach"] = {k: _reach(row["runs"], k, targets[k], total, base["wall_s"]) for k in keys}
+        claims = {}
+        first_eval = min(m["step"] for m in results["arms"][next(iter(k for k, v in results["arms"].items() if v))]["curve"])
+        for k in keys:
+            if "mfd b64" in rows:
+                step = rows["mfd b64"]["reach"][k]["step"]
+                # If the baseline itself is as good at its first evaluation as at its end, the metric
+                # does not measure progress of the tuning and "reaching" it says nothing.
+                flat = base["reach"][k]["step"] == first_eval
+                claims[f"10x/{k}"] = {"pass": None if flat else (step is not None and step <= total / 10),
+                                      "reach_step": step, "interp_step": rows["mfd b64"]["reach"][k]["interp_step"],
+                                      "limit": total / 10}
+            if "mfd b8" in rows:
+                a, b = rows["mfd b8"]["final"][k], base["final"][k]
+                claims[f"batch8/{k}"] = {"pass": _better(a["mean"], b["mean"], k), "mfd_b8": a, "ph_b64": b}
+        for row in rows.values():
+            row.pop("runs")
+        summary[ds] = {"keys": keys, "targets": targets, "rows": rows, "claims": claims}
+    return summary
+
+
+# ---------------------------------------------------------------- plots
+def plot(results: dict, ds: str, path: Path) -> Path:
+    """Rows: metrics; columns: vs steps, vs training seconds. Mean line and min/max band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [PRIMARY[ds], *SECONDARY[ds]]
+    fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.2 * len(keys)), squeeze=False)
+    colours = {"pseudo_huber b64": "tab:blue", "pseudo_huber b8": "tab:cyan", "mfd b64": "tab:red", "mfd b8": "tab:orange"}
+    for arm in main_arms(Budget(**results["budget"])):
+        runs = curves(results, ds, arm)
+        if not runs:
+            continue
+        for row, key in enumerate(keys):
+            steps, mean, lo, hi, wall = mean_curve(runs, key)
+            for col, x in enumerate((steps, wall)):
+                ax = axes[row][col]
+                style = "-" if arm.batch == 64 else "--"
+                ax.plot(x, mean, style, color=colours.get(arm.label), label=f"{arm.label} ({len(runs)} seeds)", marker=".")
+                ax.fill_between(x, lo, hi, color=colours.get(arm.label), alpha=0.15)
+                ax.set_xscale("log")
+                if key.startswith("fd"):
+                    ax.set_yscale("log")
+                ax.set_ylabel(key + (" (higher is better)" if key in HIGHER_IS_BETTER else ""))
+                ax.set_xlabel("ECT steps" if col == 0 else "training wall-clock (s, 1 thread)")
+                ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"ECT tuning on {ds}: pseudo-Huber vs aligned MFD (EMA, 1-step samples)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- markdown
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+def _pm(stats: dict) -> str:
+    return f"{stats['mean']:.4g} ± {stats['std']:.2g}"
+
+
+def dataset_table(ds: str, s: dict, total: int) -> str:
+    """Final values (mean ± std over seeds) and, per metric, the first step reaching pH b64's final value."""
+    from common import markdown_table
+
+    keys = s["keys"]
+    header = ["arm", "seeds", *[f"final {k}" for k in keys],
+              *[f"reaches pH b64 final {k} ({_fmt(s['targets'][k])}): eval step (≈ interpolated, speed-up)" for k in keys],
+              "train s / run", "images / run"]
+    rows = []
+    for label, r in s["rows"].items():
+        reach = []
+        for k in keys:
+            x = r["reach"][k]
+            seeds = ", ".join("-" if v is None else str(v) for v in x["per_seed"])
+            reach.append("not reached" + (f" (seeds: {seeds})" if r["seeds"] > 1 else "") if x["step"] is None else
+                         f"{x['step']} (≈{x['interp_step']:.0f}, {x['interp_speedup']:.2g}x; seeds: {seeds})")
+        rows.append([f"**{label}**" if label.startswith("mfd") else label, r["seeds"],
+                     *[_pm(r["final"][k]) for k in keys], *reach, f"{r['wall_s']:.0f}", r["images"]])
+    return markdown_table(header, rows)
+
+
+def claims_text(ds: str, s: dict, total: int) -> list[str]:
+    """One verdict line per claim and metric."""
+    lines = []
+    for k in s["keys"]:
+        c = s["claims"].get(f"10x/{k}")
+        if c:
+            where = "never" if c["reach_step"] is None else f"first at eval step {c['reach_step']} (interpolated {c['interp_step']:.0f})"
+            verdict = ("n/a: pseudo-Huber b64 is already at its final value at the first evaluation, so this metric "
+                       "does not track the tuning's progress here" if c["pass"] is None else
+                       "holds" if c["pass"] else "does not hold")
+            lines.append(f"- 10x claim, {ds}, {k}: MFD b64 reaches pseudo-Huber b64's final value ({_fmt(s['targets'][k])}) "
+                         f"{where}; needed: step ≤ {c['limit']:.0f} of {total}: **{verdict}**.")
+        c = s["claims"].get(f"batch8/{k}")
+        if c:
+            lines.append(f"- 1/8-batch claim, {ds}, {k}: MFD b8 ends at {_pm(c['mfd_b8'])} vs pseudo-Huber b64 "
+                         f"{_pm(c['ph_b64'])}: **{'holds' if c['pass'] else 'does not hold'}**.")
+    return lines
+
+
+def ablation_table(paths: list[Path], results: dict, summary: dict) -> list[str]:
+    """Shapes, seed 0: each ablation next to the main arms' seed-0 runs, same targets as above."""
+    from common import markdown_table
+
+    saved = {k: v for p in paths if p.is_file() for k, v in json.loads(p.read_text()).items()}
+    if not saved or "shapes" not in summary:
+        return []
+    ablations = [v for v in saved.values() if "arm" in v]
+    feature_nets = [v for v in saved.values() if v.get("kind") == "features"]
+    s, total = summary["shapes"], results["budget"]["ect_steps"]
+    main = [r for r in results["arms"].values() if r and r["dataset"] == "shapes" and r["seed"] == 0]
+    rows = []
+    for r in sorted(main, key=lambda r: (-r["batch"], r["arm"])) + sorted(ablations, key=lambda r: -r["batch"]):
+        cells = [f"{r['arm']} b{r['batch']}" + (" (ablation)" if r in ablations else "")]
+        cells += [_fmt(r["curve"][-1][k]) for k in s["keys"]]
+        for k in s["keys"]:
+            steps, values = mean_curve([r], k)[:2]
+            cross = crossing(steps, values, s["targets"][k], k)
+            cells.append("not reached" if cross is None else f"≈{cross:.0f} ({total / cross:.2g}x)")
+        rows.append(cells)
+    header = ["run (shapes, seed 0)", *[f"final {k}" for k in s["keys"]], *[f"reaches {k} {_fmt(s['targets'][k])} at" for k in s["keys"]]]
+    out = [markdown_table(header, rows)]
+    for f in feature_nets:
+        groups = ", ".join(f"{g} {v['ratio']:.2f}" for g, v in (f.get("heldout") or {}).get("groups", {}).items() if v.get("ratio") is not None)
+        out += ["", f"Feature network `{Path(f['run_dir']).name}`: {f['steps']} steps, held-out MSE ratio {groups}."]
+    return out
+
+
+def long_markdown(results: dict, results_dir: Path, target: Path | None) -> str:
+    """The longer check (`--long`): tables and plots like the main ones, seed 0, batch 64."""
+    summary = summarise(results)
+    total = results["budget"]["ect_steps"]
+    out = [f"### Longer budget: {total} steps, seed 0, batch 64 (`python benchmarks/convergence.py --long`)", "",
+           (f"Same cached initialisations; gap halves every {total // 4} steps; EMA {results['budget']['ema_decay']}; "
+            f"evaluated at steps {results['budget']['eval_steps']}. Wall-clock {results['total_wall_s'] / 60:.1f} min "
+            "(1 worker, run beside the ablations)."), ""]
+    for ds, s in summary.items():
+        png = plot(results, ds, results_dir / f"convergence-long-{ds}.png")
+        rel = os.path.relpath(png, (target or ROOT / "BENCHMARKS.md").resolve().parent)
+        out += [f"#### {ds} ({total} steps)", "", dataset_table(ds, s, total), "", *claims_text(ds, s, total), "",
+                "Paired final differences:", "", *paired_table(results, ds, s["keys"]), "",
+                f"![{ds} long curves]({rel})", ""]
+    return "\n".join(out)
+
+
+def paired_table(results: dict, ds: str, keys: list[str]) -> list[str]:
+    """Final-value differences within each seed (same data order and noise): MFD minus pseudo-Huber."""
+    from common import markdown_table
+
+    arms = {(r["arm"], r["batch"], r["seed"]): r["curve"][-1] for r in results["arms"].values() if r and r["dataset"] == ds}
+    pairs = [("mfd", 64, "pseudo_huber", 64), ("mfd", 8, "pseudo_huber", 8), ("mfd", 8, "pseudo_huber", 64)]
+    rows = []
+    for a, ba, b, bb in pairs:
+        for k in keys:
+            seeds = [s for s in results["budget"]["seeds"] if (a, ba, s) in arms and (b, bb, s) in arms]
+            diffs = [arms[(a, ba, s)][k] - arms[(b, bb, s)][k] for s in seeds]
+            if not diffs:
+                continue
+            better = sum(_better(arms[(a, ba, s)][k], arms[(b, bb, s)][k], k) for s in seeds)
+            rows.append([f"{a} b{ba} − {b} b{bb}", k, ", ".join(f"{d:+.3g}" for d in diffs),
+                         f"{sum(diffs) / len(diffs):+.3g}", f"{better} of {len(diffs)}"])
+    return [markdown_table(["pair (same seed)", "metric", "difference per seed", "mean", "MFD better in"], rows)] if rows else []
+
+
+def noise_lines(results: dict) -> list[str]:
+    lines = []
+    for value in (results.get("noise") or {}).values():
+        if not value:
+            continue
+        for run_dir, res in value["results"].items():
+            parts = [f"{k} {v['mean']:.4g} (std {v['std']:.2g}, range {v['max'] - v['min']:.2g})"
+                     for k, v in res.items() if isinstance(v, dict)]
+            lines.append(f"- {value['dataset']}, `{Path(run_dir).name}` final EMA, {value['runs']} evaluation seeds x "
+                         f"{value['num_samples']} samples: " + "; ".join(parts) + f" ({res['seconds']:.0f} s).")
+    return lines
+
+
+def init_lines(results: dict) -> list[str]:
+    from common import markdown_table
+
+    rows = []
+    for name, r in (results.get("inits") or {}).items():
+        if not r:
+            continue
+        held = ""
+        if r.get("heldout"):
+            held = ", ".join(f"{g} {v['ratio']:.2f}" for g, v in r["heldout"]["groups"].items() if v.get("ratio") is not None)
+        rows.append([name, r["steps"], r["batch"], r["images"], f"{r['wall_s']:.0f}", held or "-"])
+    return [markdown_table(["shared init", "steps", "batch", "images", "train s", "held-out MSE ratio (features; < 1 beats zeros)"], rows)]
+
+
+def markdown(results: dict, summary: dict, plots: dict, command: str, notes: str | None,
+             ablations: list[str] | None = None, extra: str | None = None) -> str:
+    from common import machine_info, machine_line
+
+    budget = results["budget"]
+    total = budget["ect_steps"]
+    out = ["## Convergence (ECT vs ECT + AYT)", "",
+           ("Tests method.md section 6 at CPU scale: *ECT + AYT reaches the baseline's final quality about 10x "
+            "sooner* and *at 1/8 of the batch it matches the baseline*."), "",
+           f"Command: `{command}`", "", machine_line(machine_info()), "",
+           (f"Budget ({budget['name']}): every arm tunes the same cached EDM model for **{total} ECT steps** "
+            f"(gap halves every {total // 4} steps, lr 2e-4, EMA {budget.get('ema_decay')}, presets `configs/<data>-ect*.yaml`), "
+            f"seeds {budget['seeds']}, batches {budget['batches']}; the EMA model's 1-step samples are scored at steps "
+            f"{budget['eval_steps']} with {budget['num_samples']} samples (fixed noise per seed). "
+            f"{results['workers']} worker processes, 1 torch thread each; the machine was shared with other jobs, so "
+            f"wall-clock numbers are indicative. Total wall-clock {results['total_wall_s'] / 60:.1f} min."), ""]
+    if results.get("lpips_skipped"):
+        out += [f"LPIPS arm skipped: {results['lpips_skipped']}", ""]
+    if notes:  # the findings first; the tables they refer to follow
+        out += [notes.strip(), ""]
+    out += ["### Shared initialisations (trained once, reused by every arm)", "", *init_lines(results), ""]
+    for ds, s in summary.items():
+        out += [f"### {ds}", "", dataset_table(ds, s, total), "", *claims_text(ds, s, total), "",
+                "Paired final differences (lower is better except coverage):", "", *paired_table(results, ds, s["keys"]), ""]
+        if ds in plots:
+            out += [f"![{ds} curves]({plots[ds]})", ""]
+    noise = noise_lines(results)
+    if noise:
+        out += ["### Metric noise (one checkpoint, several evaluation seeds)", "", *noise, ""]
+    out += [("How to read the tables: 'eval step k' is the first evaluation at which the mean curve over seeds is at "
+             "least as good as pseudo-Huber b64's final mean; it crossed somewhere in (previous evaluation, k]; "
+             "'≈' interpolates linearly between the two evaluations and the speed-up is steps budget / that step. "
+             "'seeds' gives the same first step for each seed's own curve. 'train s' is training time only "
+             "(evaluation excluded), 1 torch thread per run."), ""]
+    if ablations:
+        out += ["### Ablations (shapes, seed 0, `python benchmarks/convergence.py --ablations NAMES [--ablation-batch 8]`)", "",
+                f"Targets: pseudo-Huber b64's 3-seed final means above; same {total}-step budget, schedule and evaluation.", "",
+                *ablations, ""]
+    if extra:
+        out += [extra.strip(), ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- command line
+def _reexec_with_malloc_env() -> None:
+    """glibc malloc tuning must be in the environment before Python starts (machine-notes.md)."""
+    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return
+    os.environ.update(MALLOC_ENV)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small budgets (< 10 min): checks the whole pipeline")
+    p.add_argument("--long", action="store_true", help="seed 0, batch 64, 3x the steps, reusing the full run's inits")
+    p.add_argument("--out", default=None, help="run folders (default runs/bench/convergence[-quick])")
+    p.add_argument("--results", default=None, help="JSON + PNG folder (default benchmarks/results; quick: OUT/results)")
+    p.add_argument("--workers", type=int, default=2, help="parallel runs, 1 torch thread each")
+    p.add_argument("--deadline-min", type=float, default=None, help="start no new run after this many minutes")
+    p.add_argument("--write", default=None, help="write the 'convergence' section of this markdown file")
+    p.add_argument("--notes", default=str(ROOT / "benchmarks" / "results" / "convergence-notes.md"),
+                   help="markdown appended to the section (findings, ablations), if it exists")
+    p.add_argument("--report-only", action="store_true", help="rebuild tables / plots from the saved JSON")
+    p.add_argument("--ablations", default=None, help="comma list of ablations on shapes seed 0 (" + ", ".join(ABLATIONS) + ")")
+    p.add_argument("--ablation-batch", type=int, default=64)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    _reexec_with_malloc_env()
+    budget = QUICK if args.quick else LONG if args.long else FULL
+    suffix = "-quick" if args.quick else "-long" if args.long else ""
+    out = Path(args.out or ROOT / "runs" / "bench" / f"convergence{suffix}")
+    init_root = ROOT / "runs" / "bench" / "convergence" if args.long else out
+    results_dir = Path(args.results or (out / "results" if args.quick else ROOT / "benchmarks" / "results"))
+    prefix = f"convergence{suffix}"
+    if args.ablations:
+        names = args.ablations.split(",")
+        unknown = [n for n in names if n not in ABLATIONS]
+        if unknown:
+            raise SystemExit(f"unknown ablation {unknown}; choose from {', '.join(ABLATIONS)}")
+        res = run_ablations(out, args.workers, budget, names, args.ablation_batch)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        path = results_dir / f"{prefix}-ablations-b{args.ablation_batch}.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        old.update({k: v for k, v in res.items() if v})
+        path.write_text(json.dumps(old, indent=1))
+        print(f"ablations -> {path}")
+        return
+    json_path = results_dir / f"{prefix}.json"
+    if args.report_only:
+        results = json.loads(json_path.read_text())
+    else:
+        deadline = None if args.deadline_min is None else time.time() + 60 * args.deadline_min
+        results = run_benchmark(budget, out, args.workers, deadline, init_root)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=1))
+    summary = summarise(results)
+    (results_dir / f"{prefix}-summary.json").write_text(json.dumps(summary, indent=1))
+    plots = {ds: plot(results, ds, results_dir / f"{prefix}-{ds}.png") for ds in summary}
+    command = "python benchmarks/convergence.py" + (" --quick" if args.quick else "") + (f" --write {args.write}" if args.write else "")
+    notes_path = Path(args.notes)
+    notes = notes_path.read_text() if notes_path.is_file() and not args.quick else None
+    target = Path(args.write) if args.write else None
+    rel = {ds: os.path.relpath(p, (target or ROOT / "BENCHMARKS.md").resolve().parent) for ds, p in plots.items()}
+    ablations = ablation_table([results_dir / f"{prefix}-ablations-b{b}.json" for b in (64, 8)], results, summary)
+    long_path = results_dir / "convergence-long.json"
+    extra = None
+    if budget is FULL and long_path.is_file():
+        extra = long_markdown(json.loads(long_path.read_text()), results_dir, target)
+    text = markdown(results, summary, rel, command, notes, ablations, extra)
+    print(text)
+    if target:
+        from common import write_section
+
+        write_section(target, "convergence", text)
+        print(f"wrote the convergence section of {target}")
+
+
+if __name__ == "__main__":
+    main()
