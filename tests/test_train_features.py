@@ -97,3 +97,28 @@ def test_cli_dry_run_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert main(["train-features", *overrides]) == 0 and "held-out mse/mse_zero: geometric" in capsys.readouterr().out
     assert main(["train-features", "--resume", str(tmp_path / "run"), "train.steps=3"]) == 0
     assert "done: 3 steps" in capsys.readouterr().out
+
+
+def test_recalibrate_batchnorm_matches_batch_statistics() -> None:
+    """Stale running statistics are replaced by the average over the given batches."""
+    from ayt.features.nets import build_feature_net
+    from ayt.features.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    net = build_feature_net("tiny_vgg", in_channels=3, target_dim=7, resolution=16, width=8)
+    x = torch.randn(64, 3, 16, 16) * 0.5 + 0.3
+    for m in net.modules():  # corrupt the running statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(5.0)
+            m.running_var.fill_(0.01)
+    net.eval()
+    with torch.no_grad():
+        stale = net(x)
+        recalibrate_batchnorm(net, [x])
+        assert not net.training  # the mode is restored
+        fixed = net(x)
+        net.train()
+        batch_stats = net(x)
+    # eval mode now equals batch statistics on x, up to the unbiased (n / (n - 1)) running variance
+    assert torch.allclose(fixed, batch_stats, atol=1e-2)
+    assert not torch.allclose(stale, batch_stats, atol=1e-1)

@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ HELDOUT_FILE = "heldout.json"
 EVAL_P_MIN = 0.5  # held-out perturbation probability is max(features.p, EVAL_P_MIN)
 EVAL_SEED_OFFSET = 999_983  # the held-out perturbations use seed + this, fixed for the whole run
 EVAL_CHUNK = 256  # held-out images per forward pass (mixup partners are drawn within a chunk)
+BN_BATCHES = 32  # perturbed training batches that re-estimate BatchNorm statistics at the end
 
 
 @dataclass
@@ -85,6 +86,30 @@ def split_holdout(dataset: ImageDataset, holdout: int) -> tuple[ImageDataset, Te
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """The CPU generator of the perturbations of one (micro-)batch on one rank."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 997 + rank)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(net: nn.Module, batches: Iterable[Tensor]) -> None:
+    """Re-estimate every BatchNorm's running statistics as the plain average over `batches`.
+
+    The frozen feature network runs in eval mode (method.md section 4), i.e. with running
+    statistics; the exponential averages collected during training can lag far behind the
+    final weights (seen on the `geo` subset: held-out MSE 0.65 in eval mode, 0.24 with batch
+    statistics), so they are recomputed once, at the end of training, with the final weights.
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    was_training, momenta = net.training, [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    net.train()
+    for x in batches:
+        net(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    net.train(was_training)
 
 
 @torch.no_grad()
@@ -221,6 +246,8 @@ class FeatureTrainer:
                            "p": self.perturber.probability(step)}
                 logger.log(done, metrics, images_seen=self.images_seen)
                 window.clear()
+            if final:
+                recalibrate_batchnorm(self.net, self._bn_batches(micro_global))
             if done % tc.checkpoint_every == 0 or final:
                 self._evaluate(done, logger)
                 self.save(done)
@@ -239,6 +266,15 @@ class FeatureTrainer:
         _write_json(self.run_dir / HELDOUT_FILE, self.heldout)
         if logger:
             logger.log(step, heldout_metrics(self.heldout), images_seen=self.images_seen)
+
+    def _bn_batches(self, size: int) -> Iterator[Tensor]:
+        """Fixed perturbed training batches for `recalibrate_batchnorm` (same on every run)."""
+        generator = torch.Generator().manual_seed(self.config.train.seed + EVAL_SEED_OFFSET + 1)
+        p = self.perturber.probability(None)
+        perturber = Perturber(self.config.features.subset, p, 0)
+        for i in range(BN_BATCHES):
+            x0, _ = self.stream.batch(i * size, size, self.device)
+            yield perturber(x0, generator)[0]
 
     def save(self, step: int) -> None:
         """Checkpoint the network and optimiser; the state rebuilds the network (see `load_feature_net`)."""
