@@ -11,7 +11,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 1000000000
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch and torchvision must be pinned together (see README, "Installing PyTorch").
+	# torch and torchvision must be pinned together (see README, "Set-up").
 	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
