@@ -143,7 +143,8 @@ class Trainer:
 
     # ---- set-up helpers
     def _wrap(self, net: nn.Module) -> nn.Module:
-        return wrap_ddp(torch.compile(net) if self.config.train.compile else net, self.info, self.device)
+        # dynamic=False: seeded dropout graph-breaks, and dynamic shapes then crash inductor in train mode
+        return wrap_ddp(torch.compile(net, dynamic=False) if self.config.train.compile else net, self.info, self.device)
 
     def _restore(self) -> None:
         ckpt = load_checkpoint(self.run_dir, map_location="cpu")
