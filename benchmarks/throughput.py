@@ -192,8 +192,7 @@ def build_net(spec: dict, device):
 def maybe_compile(net, spec: dict):
     import torch
 
-    # dynamic=False: with SeededDropout's graph breaks, the default (shapes made dynamic after a
-    # recompile) fails in inductor on torch 2.14.1 ("cannot determine truth value of Relational").
+    # As the trainer: one graph per grad mode (seeded dropout traces without breaks), static shapes.
     return torch.compile(net, dynamic=False) if spec["compile"] else net
 
 

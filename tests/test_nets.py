@@ -235,6 +235,41 @@ def test_label_dropout_drops_whole_rows_without_rescaling():
     assert set(rows.unique().tolist()) == {0.0, 5.0}
 
 
+def test_hashed_mask_rate_and_independence():
+    from ayt.nets.dropout import hashed_keep_mask
+
+    seed = torch.tensor([12345, 678], dtype=torch.int64)
+    keep = hashed_keep_mask((256, 64, 8), seed, 0.3)
+    rate = keep.float().mean().item()
+    assert abs(rate - 0.7) < 0.005  # 131k draws: std 0.0013
+    # neighbouring elements are uncorrelated (a weak hash would make runs of equal bits)
+    flat = keep.flatten().float() - rate
+    assert abs((flat[1:] * flat[:-1]).mean().item() / flat.var().item()) < 0.02
+    other = hashed_keep_mask((256, 64, 8), seed + 1, 0.3)
+    assert abs((keep == other).float().mean().item() - (0.7 ** 2 + 0.3 ** 2)) < 0.01  # independent seeds
+
+
+def test_unet_traces_as_one_graph_without_recompiling_per_seed():
+    """torch.compile sees the whole network in train mode with seeded dropout as one graph
+    (fullgraph raises on a graph break), and a new dropout seed reuses the compiled graph."""
+    import torch._dynamo
+
+    net = tiny(dropout=0.3, label_dim=3).train()
+    perturb_weights(net)
+    x, t, labels = images(), torch.full((3,), 1.0), torch.eye(3)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="eager", fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outputs = []
+        for seed in (1, 2):
+            with shared_dropout(net, seed):
+                outputs.append((compiled(x, t, labels), net(x, t, labels)))
+    torch._dynamo.reset()
+    for traced, eager in outputs:
+        torch.testing.assert_close(traced, eager)
+    assert not torch.allclose(outputs[0][0], outputs[1][0])  # the seed changed the masks
+
+
 # ---------------------------------------------------------------- factory
 
 def test_factory_errors():

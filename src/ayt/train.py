@@ -143,7 +143,8 @@ class Trainer:
 
     # ---- set-up helpers
     def _wrap(self, net: nn.Module) -> nn.Module:
-        # dynamic=False: seeded dropout graph-breaks, and dynamic shapes then crash inductor in train mode
+        # The network traces as one graph (seeded dropout is plain tensor arithmetic) and recompiles
+        # once, for the target's no-grad call; batch shapes are fixed, so dynamic=False.
         return wrap_ddp(torch.compile(net, dynamic=False) if self.config.train.compile else net, self.info, self.device)
 
     def _restore(self) -> None:

@@ -2,10 +2,11 @@
 
 method.md section 2 (ECT): the loss compares `f_theta(x_t, t)` with `stopgrad f_theta(x_r, r)`
 computed with *the same dropout mask*. Inside `shared_dropout(net, seed)` every `SeededDropout`
-layer of `net` draws its mask from a private `torch.Generator` seeded from `(seed, layer index)`,
+layer of `net` takes its mask from a counter-based hash of (element index, `(seed, layer index)`),
 so any number of forward passes inside the context (or in another context with the same seed)
 see identical masks, whatever their inputs and whatever happens to the global RNG, which the
-context never touches.
+context never touches. The hash is plain tensor arithmetic: no generator object, so the same
+masks come out on CPU and CUDA, and `torch.compile` traces the layer without graph breaks.
 
 Assumption: each `SeededDropout` layer is called at most once per forward pass (true for
 `SongUNet`). A layer called twice in one forward reuses its mask for both calls inside a context.
@@ -16,6 +17,7 @@ with `p = 0`, it is the identity.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -26,6 +28,7 @@ from torch.nn import functional as F
 from ayt.errors import check
 
 _MASK64 = (1 << 64) - 1
+_MASK32 = (1 << 32) - 1
 
 
 def _mix_seed(seed: int, index: int) -> int:
@@ -34,6 +37,33 @@ def _mix_seed(seed: int, index: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) >> 1
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (the 'lowbias32' finaliser) of int64 values in [0, 2^32).
+
+    int64 products wrap on overflow; masking to the low 32 bits makes that harmless.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hashed_keep_mask(shape: torch.Size | tuple[int, ...], seed: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean keep-mask of `shape`, element `i` kept iff `hash(i, seed) >= p 2^32`.
+
+    `seed` is an int64 tensor `[2]` of two 32-bit halves on the target device. The mask is a
+    pure function of (shape, seed, p): no generator state, identical on every device, and made
+    of tensor ops only, so `torch.compile` traces it without graph breaks or recompiles.
+    """
+    n = math.prod(shape)
+    check(n < 2**32, f"dropout on {n} elements: the seeded mask indexes at most 2^32; use a smaller batch")
+    index = torch.arange(n, device=seed.device, dtype=torch.int64).view(shape)
+    h = _hash32(((index * 0x9E3779B9) & _MASK32) ^ seed[0])
+    h = _hash32(h ^ seed[1])
+    return h >= int(round(p * 2**32))
 
 
 class SeededDropout(nn.Module):
@@ -48,23 +78,30 @@ class SeededDropout(nn.Module):
         check(0.0 <= p < 1.0, f"dropout p={p} is outside [0, 1); pick a rate such as 0.1")
         self.p = float(p)
         self.shared_seed: int | None = None  # set by `shared_dropout`, else None
+        self.shared = False  # whether `shared_seed` is set (forward reads only this flag: a
+        # compiled graph guards on its value, and on an int it would recompile per seed)
+        # The same seed as a tensor (two 32-bit halves), filled in place by `shared_dropout`:
+        # a buffer, so a compiled graph reads its value instead of specialising on it.
+        self.register_buffer("seed_halves", torch.zeros(2, dtype=torch.int64), persistent=False)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
-    def keep_mask(self, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """Boolean keep-mask of `shape` drawn from this layer's private generator (float32 draws)."""
-        assert self.shared_seed is not None
-        generator = torch.Generator(device=device)
-        generator.manual_seed(self.shared_seed)
-        return torch.rand(shape, generator=generator, device=device) >= self.p
+    def set_shared_seed(self, seed: int | None) -> None:
+        self.shared_seed, self.shared = seed, seed is not None
+        if seed is not None:
+            self.seed_halves.copy_(torch.tensor([seed & _MASK32, (seed >> 32) & _MASK32]))
+
+    def keep_mask(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """Boolean keep-mask of `shape` for this layer's shared seed (see `hashed_keep_mask`)."""
+        return hashed_keep_mask(shape, self.seed_halves, self.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if self.shared_seed is None:
+        if not self.shared:
             return F.dropout(x, self.p, training=True)
-        return x * self.keep_mask(x.shape, x.device).to(x.dtype) / (1.0 - self.p)
+        return x * self.keep_mask(x.shape).to(x.dtype) / (1.0 - self.p)
 
 
 class SeededLabelDropout(SeededDropout):
@@ -78,10 +115,10 @@ class SeededLabelDropout(SeededDropout):
         if not self.training or self.p == 0.0:
             return x
         rows = (x.shape[0], *([1] * (x.dim() - 1)))
-        if self.shared_seed is None:
+        if not self.shared:
             keep = torch.rand(rows, device=x.device) >= self.p
         else:
-            keep = self.keep_mask(rows, x.device)
+            keep = self.keep_mask(rows)
         return x * keep.to(x.dtype)
 
 
@@ -103,9 +140,9 @@ def shared_dropout(module: nn.Module, seed: int) -> Iterator[None]:
     layers = [m for m in module.modules() if isinstance(m, SeededDropout)]
     previous = [layer.shared_seed for layer in layers]
     for index, layer in enumerate(layers):
-        layer.shared_seed = _mix_seed(seed, index)
+        layer.set_shared_seed(_mix_seed(seed, index))
     try:
         yield
     finally:
         for layer, old in zip(layers, previous):
-            layer.shared_seed = old
+            layer.set_shared_seed(old)
