@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -85,6 +86,10 @@ def test_cli_train_then_sample(tmp_path, capsys):
     images = np.load(tmp_path / "s.npz")["images"]
     assert images.shape == (6, 8, 8, 3) and images.dtype == np.uint8
     assert (tmp_path / "g.png").stat().st_size > 0
+    # bf16 autocast sampling runs and agrees with fp32 up to bf16 rounding (uint8 levels)
+    assert main(["sample", str(run), "-n", "6", "--steps", "2", "--precision", "bf16", "--npz", str(tmp_path / "b.npz")]) == 0
+    low = np.load(tmp_path / "b.npz")["images"].astype(float)
+    assert low.shape == images.shape and np.abs(low - images).mean() < 3.0
 
 
 def test_cli_dry_run_prints_resolved_config(capsys):
@@ -104,6 +109,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert "did you mean 'batch_size'" in _error(capsys, ["train", "train.batch_sise=3"])
     assert "must be > 0" in _error(capsys, ["train", "train.batch_size=-1"])
     assert "no config.yaml" in _error(capsys, ["train", "--resume", str(tmp_path)])
+    assert "--config configs/shapes-ect.yaml" in _error(capsys, ["train", "configs/shapes-ect.yaml"])
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert "cannot write" in _error(capsys, ["train", *tiny(blocker / "run", "train.steps=1")])
@@ -145,3 +151,23 @@ def test_cli_ect_with_aligned_mfd(tmp_path, capsys):
     other = tmp_path / "other"
     assert "resolution" in _error(capsys, ["train", *tiny(other, "data.resolution=16", "train.steps=1", "distance.name=mfd", "distance.mode=aligned", f"distance.features={feats}")])
     assert not (other / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """`train.compile=true` (inductor) trains the ECT model with seeded dropout: the same losses as
+    eager to float tolerance, and no recompilation beyond the target's no-grad graph."""
+    import torch._dynamo
+
+    common = ["objective.stage_steps=2", "network.dropout=0.3", "train.batch_size=4", "train.steps=4",
+              "train.checkpoint_every=4"]
+    eager = train(load_config(None, tiny(tmp_path / "eager", *common)))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        compiled = train(load_config(None, tiny(tmp_path / "compiled", *common, "train.compile=true")))
+    torch._dynamo.reset()
+    assert compiled.step == 4
+    assert abs(compiled.last_loss - eager.last_loss) <= 1e-4 * abs(eager.last_loss)
+    a, b = load_checkpoint(tmp_path / "eager"), load_checkpoint(tmp_path / "compiled")
+    for key, value in a.modules["net"].items():
+        torch.testing.assert_close(b.modules["net"][key], value, rtol=1e-4, atol=1e-5)

@@ -99,6 +99,7 @@ class FeaturesConfig:
     subset: str = "all"  # perturbations: geo | geo_colour | geo_degrade | degrade | all
     p: float = 0.15  # probability of each perturbation
     ramp_steps: int = 0  # linear ramp of p from 0 (reference: 50k)
+    aniso_target: str = "paper"  # paper: (w cos u, w sin u) as method.md | double_angle: (w cos 2u, w sin 2u)
     holdout: int = 512  # held-out images for the per-group regression error
 
 
@@ -240,6 +241,7 @@ def _rules_distance(c: DistanceConfig) -> None:
 def _rules_features(c: FeaturesConfig) -> None:
     _one_of(c.arch, ["tiny_vgg", "vgg16_bn", "resnet18"], "features.arch")
     _one_of(c.subset, ["geo", "geo_colour", "geo_degrade", "degrade", "all"], "features.subset")
+    _one_of(c.aniso_target, ["paper", "double_angle"], "features.aniso_target")
     check(0 <= c.p <= 1, f"features.p={c.p} must lie in [0, 1]")
     _positive(c.width, "features.width")
     _positive(c.ramp_steps, "features.ramp_steps", zero=True)
@@ -365,6 +367,8 @@ def config_from_dict(values: dict) -> Config:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `section.key=value` into its key path and YAML-parsed value."""
+    check(not text.endswith((".yaml", ".yml")) or "=" in text,
+          f"'{text}' looks like a preset; pass it as --config {text}")
     check("=" in text, f"override '{text}' must look like section.key=value (e.g. train.batch_size=16)")
     key, raw = text.split("=", 1)
     try:

@@ -50,7 +50,9 @@ def consistency_sample(
     check_decreasing(sigmas, sigma_min)
     x = net(z * sigmas[0], _levels(z, sigmas[0]), labels)
     for s in sigmas[1:]:
-        noise = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+        # drawn where the generator lives (a CPU generator may drive a CUDA sampler)
+        where = generator.device if generator is not None else z.device
+        noise = torch.randn(z.shape, device=where, dtype=z.dtype, generator=generator).to(z.device)
         x = x + math.sqrt(s * s - sigma_min * sigma_min) * noise
         x = net(x, _levels(z, s), labels)
     return x
