@@ -285,3 +285,23 @@ def test_other_dtypes(dtype: torch.dtype) -> None:
     x = _images(b=4).to(dtype)
     y, t = Perturber(p=1.0)(x, _gen())
     assert y.dtype == dtype and t.dtype == dtype and torch.isfinite(y.float()).all()
+
+
+def test_double_angle_aniso_target_is_a_function_of_the_warp() -> None:
+    """(w, u), (w, u + pi) and (-w, u + pi/2) give one warp; only the double-angle target agrees."""
+    from ayt.features.augment import _target, affine_matrix
+
+    w, u = torch.tensor([0.7, -1.3]), torch.tensor([0.4, 2.0])
+    same_warps = [(w, u), (w, u + math.pi), (-w, u + math.pi / 2)]
+    one = torch.ones(2)
+    matrices = [affine_matrix(one, 0 * one, 2.0 ** (0.2 * a), b) for a, b in same_warps]
+    for m in matrices[1:]:
+        torch.testing.assert_close(m, matrices[0])
+    double = [_target("aniso_scale", torch.stack([a, b], 1), "double_angle") for a, b in same_warps]
+    paper = [_target("aniso_scale", torch.stack([a, b], 1), "paper") for a, b in same_warps]
+    for t in double[1:]:
+        torch.testing.assert_close(t, double[0])
+    assert not torch.allclose(paper[1], paper[0]) and not torch.allclose(paper[2], paper[0])
+    torch.testing.assert_close(paper[0], torch.stack([w * u.cos(), w * u.sin()], 1))  # method.md's form
+    with pytest.raises(AytError, match="aniso_target"):
+        Perturber("geo", 0.5, 0, "half_angle")

@@ -32,8 +32,10 @@ Gray images (C != 3): hue and saturation are undefined, so they are never applie
 target slots stay 0; brightness and contrast apply as usual. Mixup needs a partner: the
 partners form one random cycle over the batch (no image is its own partner); a batch of one
 never gets mixup.
-Caveat kept from method.md: `(w cos u, w sin u)` is not a function of the warp (u and u + pi
-give the same warp), so the best regressor predicts 0 on average for these two slots.
+Caveat of method.md's target: `(w cos u, w sin u)` is not a function of the warp (u and u + pi
+give the same warp, and so do (w, u) and (-w, u + pi/2)), so the best regressor predicts 0 on
+average for these two slots. `aniso_target="double_angle"` regresses `(w cos 2u, w sin 2u)`
+instead, which takes one value per warp; the default `"paper"` keeps method.md's form.
 """
 
 from __future__ import annotations
@@ -231,6 +233,7 @@ class PerturbationConfig:
     subset: str = "all"  # geo | geo_colour | geo_degrade | degrade | all
     p: float = 0.15  # probability that each perturbation is applied to each image
     ramp_steps: int = 0  # p ramps linearly from 0 over these training steps (0: no ramp)
+    aniso_target: str = "paper"  # paper: (w cos u, w sin u) | double_angle: (w cos 2u, w sin 2u)
 
 
 @dataclass
@@ -280,12 +283,16 @@ def _draw_w(batch: int, device: torch.device, generator: torch.Generator | None)
     }
 
 
-def _target(name: str, w: Tensor) -> Tensor:
+ANISO_TARGETS = ("paper", "double_angle")
+
+
+def _target(name: str, w: Tensor, aniso_target: str = "paper") -> Tensor:
     """Regression target [B, k] of one perturbation from its raw draw (method.md section 4)."""
     if name in ("rotation", "hue"):
         return torch.stack([w.cos() - 1.0, w.sin()], 1)
     if name == "aniso_scale":
-        return torch.stack([w[:, 0] * w[:, 1].cos(), w[:, 0] * w[:, 1].sin()], 1)
+        u = w[:, 1] * (2.0 if aniso_target == "double_angle" else 1.0)
+        return torch.stack([w[:, 0] * u.cos(), w[:, 0] * u.sin()], 1)
     return w if w.ndim == 2 else w[:, None]
 
 
@@ -296,17 +303,20 @@ class Perturber:
     x in [-1, 1], any resolution >= 8, any device. See the module docstring for the definitions.
     """
 
-    def __init__(self, subset: str = "all", p: float = 0.15, ramp_steps: int = 0) -> None:
+    def __init__(self, subset: str = "all", p: float = 0.15, ramp_steps: int = 0,
+                 aniso_target: str = "paper") -> None:
         self.names = subset_perturbations(subset)
         check(0.0 <= p <= 1.0, f"perturbation probability p must be in [0, 1], got {p}")
         check(ramp_steps >= 0, f"ramp_steps must be >= 0, got {ramp_steps}")
+        check(aniso_target in ANISO_TARGETS, f"unknown aniso_target {aniso_target!r}; use one of {list(ANISO_TARGETS)}")
         self.subset, self.p, self.ramp_steps = subset, float(p), int(ramp_steps)
+        self.aniso_target = aniso_target
         self.groups = SUBSETS[subset]
 
     @classmethod
     def from_config(cls, cfg: PerturbationConfig) -> Perturber:
         """Build from a PerturbationConfig."""
-        return cls(cfg.subset, cfg.p, cfg.ramp_steps)
+        return cls(cfg.subset, cfg.p, cfg.ramp_steps, cfg.aniso_target)
 
     @property
     def target_dim(self) -> int:
@@ -342,7 +352,7 @@ class Perturber:
 
     def targets(self, params: PerturbationParams) -> Tensor:
         """Target vectors [B, target_dim]: each perturbation's target, 0 where it was not applied."""
-        parts = [torch.where(params.applied[n][:, None], _target(n, params.w[n]), 0.0) for n in self.names]
+        parts = [torch.where(params.applied[n][:, None], _target(n, params.w[n], self.aniso_target), 0.0) for n in self.names]
         return torch.cat(parts, dim=1)
 
     def apply(self, x: Tensor, params: PerturbationParams, generator: torch.Generator | None = None) -> Tensor:

@@ -37,7 +37,7 @@ from ayt.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from ayt.config import Config, save_config
 from ayt.data import ImageDataset
 from ayt.errors import check
-from ayt.features.augment import TARGET_NAMES, Perturber, target_groups
+from ayt.features.augment import TARGET_NAMES, Perturber, perturbation_slices, target_groups
 from ayt.features.load import FEATURES_KIND, FEATURES_MODULE
 from ayt.features.nets import build_feature_net
 from ayt.runlog import Progress, RunLogger
@@ -114,14 +114,16 @@ def recalibrate_batchnorm(net: nn.Module, batches: Iterable[Tensor]) -> None:
 
 @torch.no_grad()
 def evaluate_heldout(
-    net: nn.Module, images: Tensor, subset: str, p: float, seed: int, device: torch.device
+    net: nn.Module, images: Tensor, subset: str, p: float, seed: int, device: torch.device,
+    aniso_target: str = "paper",
 ) -> dict[str, Any]:
     """Per-group held-out regression error of `net` (eval mode) on perturbed `images` [N, C, H, W].
 
-    Returns {"p", "images", "groups": {group: {"mse", "mse_zero", "ratio"}}}; `ratio` is
-    mse / mse_zero (None where no perturbation of the group was applied, e.g. gray colour slots).
+    Returns {"p", "images", "groups": {group: {"mse", "mse_zero", "ratio"}}, "perturbations":
+    {name: {...}}}; `ratio` is mse / mse_zero (None where nothing of the group or perturbation
+    was applied, e.g. the colour slots of gray images).
     """
-    perturber = Perturber(subset, max(p, EVAL_P_MIN), 0)
+    perturber = Perturber(subset, max(p, EVAL_P_MIN), 0, aniso_target)
     generator = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)
     was_training = net.training
     net.eval()
@@ -132,12 +134,15 @@ def evaluate_heldout(
         targets.append(target.float().cpu())
     net.train(was_training)
     pred, target = torch.cat(preds), torch.cat(targets)
-    groups = {}
-    for group, slots in target_groups(subset).items():
+
+    def errors(slots: slice) -> dict[str, float | None]:
         mse = float((pred[:, slots] - target[:, slots]).square().mean())
         mse_zero = float(target[:, slots].square().mean())
-        groups[group] = {"mse": mse, "mse_zero": mse_zero, "ratio": mse / mse_zero if mse_zero > 0 else None}
-    return {"p": perturber.p, "images": len(images), "groups": groups}
+        return {"mse": mse, "mse_zero": mse_zero, "ratio": mse / mse_zero if mse_zero > 0 else None}
+
+    groups = {group: errors(slots) for group, slots in target_groups(subset).items()}
+    perturbations = {name: errors(slots) for name, slots in perturbation_slices(subset).items()}
+    return {"p": perturber.p, "images": len(images), "groups": groups, "perturbations": perturbations}
 
 
 def heldout_metrics(heldout: dict[str, Any]) -> dict[str, float]:
@@ -175,7 +180,7 @@ class FeatureTrainer:
         # Data (training part + fixed held-out part), perturbations, network, optimiser.
         dataset = build_data(config)
         self.train_set, self.heldout_images = split_holdout(dataset, fc.holdout)
-        self.perturber = Perturber(fc.subset, fc.p, fc.ramp_steps)
+        self.perturber = Perturber(fc.subset, fc.p, fc.ramp_steps, fc.aniso_target)
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, identical on every rank
             torch.manual_seed(tc.seed)
             self.net = build_feature_net(fc.arch, in_channels=dataset.channels, target_dim=self.perturber.target_dim,
@@ -261,7 +266,8 @@ class FeatureTrainer:
         fc = self.config.features
         if not self.info.main or len(self.heldout_images) == 0:
             return
-        result = evaluate_heldout(self.net, self.heldout_images, fc.subset, fc.p, self.config.train.seed, self.device)
+        result = evaluate_heldout(self.net, self.heldout_images, fc.subset, fc.p, self.config.train.seed, self.device,
+                                  fc.aniso_target)
         self.heldout = {"step": step, **result}
         _write_json(self.run_dir / HELDOUT_FILE, self.heldout)
         if logger:
@@ -271,7 +277,7 @@ class FeatureTrainer:
         """Fixed perturbed training batches for `recalibrate_batchnorm` (same on every run)."""
         generator = torch.Generator().manual_seed(self.config.train.seed + EVAL_SEED_OFFSET + 1)
         p = self.perturber.probability(None)
-        perturber = Perturber(self.config.features.subset, p, 0)
+        perturber = Perturber(self.config.features.subset, p, 0, self.config.features.aniso_target)
         for i in range(BN_BATCHES):
             x0, _ = self.stream.batch(i * size, size, self.device)
             yield perturber(x0, generator)[0]
