@@ -41,6 +41,24 @@ def test_shared_dropout_masks_on_cuda():
     assert torch.equal(a, b)
 
 
+def test_dropout_masks_equal_on_cpu_and_cuda():
+    from ayt.nets.dropout import hashed_keep_mask
+
+    seed = torch.tensor([123456789, -42], dtype=torch.int32)
+    assert torch.equal(hashed_keep_mask((64, 32, 16, 16), seed, 0.2),
+                       hashed_keep_mask((64, 32, 16, 16), seed.cuda(), 0.2).cpu())
+
+
+def test_compiled_bf16_training_on_cuda(tmp_path):
+    run = tmp_path / "compiled"
+    assert main(["train", *TINY, "train.steps=6", "train.precision=bf16", "train.compile=true",
+                 "network.dropout=0.2", f"train.run_dir={run}"]) == 0
+    ckpt = load_checkpoint(run)
+    assert ckpt.step == 6 and all(torch.isfinite(v).all() for v in ckpt.modules["net"].values())
+    assert main(["sample", str(run), "-n", "32", "--steps", "2", "--device", "cuda", "--precision", "bf16",
+                 "--npz", str(tmp_path / "s.npz")]) == 0
+
+
 def test_tangents_on_cuda(tmp_path):
     run = tmp_path / "ect"
     assert main(["train", *TINY, "train.steps=4", "train.checkpoint_every=2", f"train.run_dir={run}"]) == 0
