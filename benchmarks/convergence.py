@@ -123,10 +123,23 @@ ABLATIONS = {
     "mfd-q256": (("distance.name=mfd", "distance.mode=aligned", "objective.stage_steps=null", "objective.q=256"), "features"),
     "pseudo_huber-q256": (("distance.name=pseudo_huber", "distance.mode=pixel", "objective.stage_steps=null", "objective.q=256"), "features"),
     "mfd-feat4k": (("distance.name=mfd", "distance.mode=aligned"), "features-4k"),
+    "mfd-wide": (("distance.name=mfd", "distance.mode=aligned"), "features-wide"),
+    # the main arms' seed-0 runs again, with the current code (paired with later ablations)
+    "mfd-repeat": (MAIN_DISTANCES["mfd"], "features"),
+    "pseudo_huber-repeat": (MAIN_DISTANCES["pseudo_huber"], "features"),
+    "mfd-degrade": (("distance.name=mfd", "distance.mode=aligned"), "features-degrade"),
+    "mfd-lr3x": (("distance.name=mfd", "distance.mode=aligned", "optim.lr=0.0006"), "features"),
+    "pseudo_huber-lr3x": (("distance.name=pseudo_huber", "distance.mode=pixel", "optim.lr=0.0006"), "features"),
+    "mfd-lr10x": (("distance.name=mfd", "distance.mode=aligned", "optim.lr=0.002"), "features"),
+    "pseudo_huber-lr10x": (("distance.name=pseudo_huber", "distance.mode=pixel", "optim.lr=0.002"), "features"),
+    "mfd-lr30x": (("distance.name=mfd", "distance.mode=aligned", "optim.lr=0.006"), "features"),
+    "pseudo_huber-lr30x": (("distance.name=pseudo_huber", "distance.mode=pixel", "optim.lr=0.006"), "features"),
     "l2": (("distance.name=l2", "distance.mode=pixel"), "features"),
 }
 #: Extra feature networks of the ablations: folder -> (steps, overrides).
-FEATURE_VARIANTS = {"features-geo": (1000, ("features.subset=geo",)), "features-4k": (4000, ())}
+FEATURE_VARIANTS = {"features-geo": (1000, ("features.subset=geo",)), "features-4k": (4000, ()),
+                    "features-wide": (1000, ("features.width=64",)),
+                    "features-degrade": (1000, ("features.subset=degrade",))}
 
 
 def main_arms(budget: Budget) -> list[Arm]:
@@ -358,18 +371,19 @@ def run_benchmark(budget: Budget, out: Path, workers: int, deadline: float | Non
             "noise": noise, "total_wall_s": total}
 
 
-def run_ablations(out: Path, workers: int, budget: Budget, names: list[str], batch: int) -> dict:
-    """Small ablations on shapes, seed 0: each named variant (plus the geo feature net if needed)."""
+def run_ablations(out: Path, workers: int, budget: Budget, names: list[str], batch: int,
+                  seeds: tuple[int, ...] = (0,), ds: str = "shapes") -> dict:
+    """Small ablations on one dataset (seed 0 unless told): each named variant (plus its feature net if needed)."""
     runner = Runner(workers, None)
-    ds = "shapes"
     variants = sorted({ABLATIONS[n][1] for n in names} & set(FEATURE_VARIANTS))
     jobs = [(f"{ds}/{v}", run_init, ("features", ds, str(out / ds / v), *FEATURE_VARIANTS[v])) for v in variants]
     for name in sorted(names, key=lambda n: ABLATIONS[n][1] in FEATURE_VARIANTS):  # those needing a new phi last
         overrides, feats = ABLATIONS[name]
         arm = Arm(name, batch, overrides, feats)
-        args = (ds, arm, 0, str(out / ds / "ablations" / f"{arm.folder}-s0"), str(out / ds / "edm"),
-                str(out / ds / feats), budget.eval_steps, budget.num_samples[ds], budget.ema_decay)
-        jobs.append((f"{ds}/ablation/{arm.folder}", run_arm, args))
+        for seed in seeds:
+            args = (ds, arm, seed, str(out / ds / "ablations" / f"{arm.folder}-s{seed}"), str(out / ds / "edm"),
+                    str(out / ds / feats), budget.eval_steps, budget.num_samples[ds], budget.ema_decay)
+            jobs.append((f"{ds}/ablation/{arm.folder}" + (f"-s{seed}" if seed else ""), run_arm, args))
     results = runner.map(jobs)
     runner.close()
     return results
@@ -573,31 +587,104 @@ def claims_text(ds: str, s: dict, total: int) -> list[str]:
     return lines
 
 
-def ablation_table(paths: list[Path], results: dict, summary: dict) -> list[str]:
-    """Shapes, seed 0: each ablation next to the main arms' seed-0 runs, same targets as above."""
+def ablation_table(paths: list[Path], results: dict, summary: dict, ds: str = "shapes") -> list[str]:
+    """One dataset: each ablation next to the main arms' seed-0 runs, same targets as above."""
     from common import markdown_table
 
     saved = {k: v for p in paths if p.is_file() for k, v in json.loads(p.read_text()).items()}
-    if not saved or "shapes" not in summary:
+    ablations = [v for v in saved.values() if "arm" in v and v["dataset"] == ds]
+    if not ablations or ds not in summary:
         return []
-    ablations = [v for v in saved.values() if "arm" in v]
-    feature_nets = [v for v in saved.values() if v.get("kind") == "features"]
-    s, total = summary["shapes"], results["budget"]["ect_steps"]
-    main = [r for r in results["arms"].values() if r and r["dataset"] == "shapes" and r["seed"] == 0]
+    feature_nets = [v for v in saved.values() if v.get("kind") == "features" and v["dataset"] == ds]
+    s, total = summary[ds], results["budget"]["ect_steps"]
+    main = [r for r in results["arms"].values() if r and r["dataset"] == ds and r["seed"] == 0]
     rows = []
-    for r in sorted(main, key=lambda r: (-r["batch"], r["arm"])) + sorted(ablations, key=lambda r: -r["batch"]):
-        cells = [f"{r['arm']} b{r['batch']}" + (" (ablation)" if r in ablations else "")]
+    for r in sorted(main, key=lambda r: (-r["batch"], r["arm"])) + sorted(ablations, key=lambda r: (-r["batch"], r.get("seed", 0))):
+        cells = [f"{r['arm']} b{r['batch']}" + (f" s{r['seed']}" if r.get("seed") else "")
+                 + (" (ablation)" if r in ablations else "")]
         cells += [_fmt(r["curve"][-1][k]) for k in s["keys"]]
         for k in s["keys"]:
             steps, values = mean_curve([r], k)[:2]
             cross = crossing(steps, values, s["targets"][k], k)
             cells.append("not reached" if cross is None else f"≈{cross:.0f} ({total / cross:.2g}x)")
         rows.append(cells)
-    header = ["run (shapes, seed 0)", *[f"final {k}" for k in s["keys"]], *[f"reaches {k} {_fmt(s['targets'][k])} at" for k in s["keys"]]]
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in ablations:
+        groups.setdefault((r["arm"], r["batch"]), []).append(r)
+    for (arm, batch), runs in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        if len(runs) < 2:
+            continue
+        cells = [f"**{arm} b{batch}, mean of {len(runs)} seeds** (ablation)"]
+        cells += [_fmt(mean_curve(runs, k)[1][-1]) for k in s["keys"]]
+        for k in s["keys"]:
+            steps, values = mean_curve(runs, k)[:2]
+            cross = crossing(steps, values, s["targets"][k], k)
+            cells.append("not reached" if cross is None else f"≈{cross:.0f} ({total / cross:.2g}x)")
+        rows.append(cells)
+    header = [f"run ({ds}, seed 0 unless marked s1, s2)", *[f"final {k}" for k in s["keys"]], *[f"reaches {k} {_fmt(s['targets'][k])} at" for k in s["keys"]]]
     out = [markdown_table(header, rows)]
     for f in feature_nets:
         groups = ", ".join(f"{g} {v['ratio']:.2f}" for g, v in (f.get("heldout") or {}).get("groups", {}).items() if v.get("ratio") is not None)
         out += ["", f"Feature network `{Path(f['run_dir']).name}`: {f['steps']} steps, held-out MSE ratio {groups}."]
+    return out
+
+
+LR_FACTORS = {"": 1, "-lr3x": 3, "-lr10x": 10, "-lr30x": 30}
+
+
+def lr_sweep(paths: list[Path], results: dict, summary: dict, ds: str) -> list[str]:
+    """Learning-rate sweep from the `-lrNx` ablations: each distance at each rate (seeds with 3 runs only),
+    then each distance at its best rate against the other's best (speed-up, and batch 8 against batch 64)."""
+    from common import markdown_table
+
+    saved = {k: v for p in paths if p.is_file() for k, v in json.loads(p.read_text()).items()}
+    runs = [r for r in [*results["arms"].values(), *saved.values()] if r and "arm" in r and r["dataset"] == ds]
+    s, total = summary[ds], results["budget"]["ect_steps"]
+    key = s["keys"][-1] if ds == "shapes" else s["keys"][0]  # shapes: coverage; digits: fd_digits
+    keys = s["keys"]
+    groups: dict[tuple[str, int, int], list[dict]] = {}
+    for r in runs:
+        for suffix, factor in LR_FACTORS.items():
+            for dist in MAIN_DISTANCES:
+                if r["arm"] == dist + suffix:
+                    groups.setdefault((dist, r["batch"], factor), []).append(r)
+    groups = {g: rs for g, rs in groups.items() if len({r["seed"] for r in rs}) >= 3}
+    if not any(f > 1 for _, _, f in groups):
+        return []
+    final = {g: {k: mean_curve(rs, k)[1][-1] for k in keys} for g, rs in groups.items()}
+    header = ["distance", "batch", "lr", *[f"final {k} (mean of 3 seeds)" for k in keys]]
+    rows = [[d, str(b), f"{2e-4 * f:.0e} ({f}x)", *[_fmt(final[(d, b, f)][k]) for k in keys]]
+            for d, b, f in sorted(groups, key=lambda g: (-g[1], g[0], g[2]))]
+    out = [f"Learning-rate sweep, {ds} (`-lr3x`, `-lr10x`, `-lr30x` ablations; 1x = the main arms):", "",
+           markdown_table(header, rows), ""]
+    def best(dist: str, batch: int) -> tuple[str, int, int] | None:
+        mine = [g for g in groups if g[0] == dist and g[1] == batch]
+        if not mine:
+            return None
+        top = mine[0]
+        for g in mine[1:]:
+            if _better(final[g][key], final[top][key], key):
+                top = g
+        return top
+
+    ph, mfd, mfd8 = best("pseudo_huber", 64), best("mfd", 64), best("mfd", 8)
+    if ph and mfd:
+        lines = [f"Each distance at its best rate by final {key}: pseudo-Huber {ph[2]}x, MFD {mfd[2]}x (batch 64)."]
+        for k in keys:
+            target = final[ph][k]
+            steps, values = mean_curve(groups[mfd], k)[:2]
+            cross = crossing(steps, values, target, k)
+            got = "not reached" if cross is None else f"at ≈{cross:.0f} of {total} steps ({total / cross:.2g}x)"
+            if cross is not None and cross <= steps[0]:
+                got = "at the first evaluation: n/a, this metric does not track the tuning's progress (see above)"
+            lines.append(f"- {k}: MFD b64 at {mfd[2]}x reaches pseudo-Huber b64's best final ({_fmt(target)}) {got}; "
+                         f"MFD ends at {_fmt(final[mfd][k])}.")
+        if mfd8:
+            for k in keys:
+                holds = _better(final[mfd8][k], final[ph][k], k)
+                lines.append(f"- 1/8 batch, {k}: MFD b8 at its best rate ({mfd8[2]}x) ends at {_fmt(final[mfd8][k])} vs "
+                             f"pseudo-Huber b64 at its best rate {_fmt(final[ph][k])}: **{'holds' if holds else 'does not hold'}**.")
+        out += lines + [""]
     return out
 
 
@@ -699,7 +786,8 @@ def markdown(results: dict, summary: dict, plots: dict, command: str, notes: str
              "'seeds' gives the same first step for each seed's own curve. 'train s' is training time only "
              "(evaluation excluded), 1 torch thread per run."), ""]
     if ablations:
-        out += ["### Ablations (shapes, seed 0, `python benchmarks/convergence.py --ablations NAMES [--ablation-batch 8]`)", "",
+        out += [("### Ablations (`python benchmarks/convergence.py --ablations NAMES [--ablation-batch 8] "
+                 "[--ablation-seeds 0,1,2] [--ablation-data digits]`)"), "",
                 f"Targets: pseudo-Huber b64's 3-seed final means above; same {total}-step budget, schedule and evaluation.", "",
                 *ablations, ""]
     if extra:
@@ -728,8 +816,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--notes", default=str(ROOT / "benchmarks" / "results" / "convergence-notes.md"),
                    help="markdown appended to the section (findings, ablations), if it exists")
     p.add_argument("--report-only", action="store_true", help="rebuild tables / plots from the saved JSON")
-    p.add_argument("--ablations", default=None, help="comma list of ablations on shapes seed 0 (" + ", ".join(ABLATIONS) + ")")
+    p.add_argument("--ablations", default=None, help="comma list of ablations, seed 0 unless --ablation-seeds (" + ", ".join(ABLATIONS) + ")")
     p.add_argument("--ablation-batch", type=int, default=64)
+    p.add_argument("--ablation-seeds", default="0", help="comma list of seeds for --ablations (default 0)")
+    p.add_argument("--ablation-data", choices=["shapes", "digits"], default="shapes", help="dataset of --ablations")
     return p.parse_args(argv)
 
 
@@ -747,7 +837,8 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [n for n in names if n not in ABLATIONS]
         if unknown:
             raise SystemExit(f"unknown ablation {unknown}; choose from {', '.join(ABLATIONS)}")
-        res = run_ablations(out, args.workers, budget, names, args.ablation_batch)
+        seeds = tuple(int(v) for v in args.ablation_seeds.split(","))
+        res = run_ablations(out, args.workers, budget, names, args.ablation_batch, seeds, args.ablation_data)
         results_dir.mkdir(parents=True, exist_ok=True)
         path = results_dir / f"{prefix}-ablations-b{args.ablation_batch}.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
@@ -771,7 +862,11 @@ def main(argv: list[str] | None = None) -> None:
     notes = notes_path.read_text() if notes_path.is_file() and not args.quick else None
     target = Path(args.write) if args.write else None
     rel = {ds: os.path.relpath(p, (target or ROOT / "BENCHMARKS.md").resolve().parent) for ds, p in plots.items()}
-    ablations = ablation_table([results_dir / f"{prefix}-ablations-b{b}.json" for b in (64, 8)], results, summary)
+    ablation_files = [results_dir / f"{prefix}-ablations-b{b}.json" for b in (64, 8)]
+    ablations = []
+    for ds in summary:
+        table = ablation_table(ablation_files, results, summary, ds)
+        ablations += [f"#### {ds}", "", *table, "", *lr_sweep(ablation_files, results, summary, ds)] if table else []
     long_path = results_dir / "convergence-long.json"
     extra = None
     if budget is FULL and long_path.is_file():
