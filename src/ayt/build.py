@@ -11,15 +11,15 @@ from torch import nn
 from ayt.checkpoint import check_compatible, load_checkpoint
 from ayt.config import Config, config_from_dict
 from ayt.data import ImageDataset, build_dataset
-from ayt.errors import AytError
+from ayt.errors import AytError, check
 from ayt.losses import build_distance
 from ayt.losses.aligned import Aligned
 from ayt.nets import Precond, build_network
-from ayt.objectives import ECTObjective, EDMObjective
+from ayt.objectives import ContinuousObjective, ECTObjective, EDMObjective
 from ayt.schedules import ect_gap
 
 # Objective defaults of the lognormal noise-level distribution: (P_mean, P_std).
-LOGNORMAL_DEFAULTS = {"ect": (-1.1, 2.0), "edm": (-1.2, 1.2)}
+LOGNORMAL_DEFAULTS = {"ect": (-1.1, 2.0), "continuous": (-1.1, 2.0), "edm": (-1.2, 1.2)}
 MIN_GAP = 2.0**-20  # smallest relative gap d(stage) that float32 t and r still resolve
 
 
@@ -59,6 +59,11 @@ def build_objective(config: Config, resolution: int | None = None, channels: int
     p_std = o.p_std if o.p_std is not None else p_std
     if o.kind == "edm":
         return EDMObjective(p_mean, p_std, config.network.sigma_data)
+    if o.kind == "continuous":
+        d = config.distance
+        mfd = build_distance("mfd", **distance_options(config, "mfd", resolution, channels)) if d.name == "mfd" else None
+        teacher = _load_teacher(o.teacher, resolution, channels) if o.teacher else None
+        return ContinuousObjective(mfd, teacher, p_mean, p_std)
     final_stage = config.train.steps // o.stage_steps if o.stage_steps else 0
     if ect_gap(final_stage, o.q) < MIN_GAP:
         raise AytError(
@@ -97,6 +102,18 @@ def model_key(checkpoint_modules: dict, which: str = "ema") -> str:
     if which not in checkpoint_modules:
         raise AytError(f"the checkpoint has no weights '{which}'; it has: {', '.join(sorted(checkpoint_modules))}")
     return which
+
+
+def _load_teacher(path: str, resolution: int | None, channels: int | None) -> Precond:
+    """The frozen EDM denoiser of continuous-time distillation (its first EMA), checked against the data."""
+    net, config = load_model(path)
+    check(config.objective.kind == "edm",
+          f"objective.teacher={path} is a {config.objective.kind!r} run; distillation needs an EDM diffusion model "
+          "(ayt train objective.kind=edm)")
+    check(resolution is None or (net.img_resolution, net.img_channels) == (resolution, channels),
+          f"objective.teacher={path} was trained on {net.img_channels}x{net.img_resolution}^2 images, "
+          f"this data is {channels}x{resolution}^2; use a teacher trained on this data")
+    return net.requires_grad_(False)
 
 
 def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[Precond, Config]:

@@ -52,16 +52,17 @@ class NetworkConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """What the loss is: EDM diffusion pretraining or ECT consistency training/tuning."""
+    """What the loss is: EDM diffusion pretraining, ECT, or continuous-time consistency training/distillation."""
 
-    kind: str = "ect"  # ect | edm
-    p_mean: float | None = None  # lognormal t: None -> -1.1 for ect, -1.2 for edm
+    kind: str = "ect"  # ect | edm | continuous
+    p_mean: float | None = None  # lognormal t: None -> -1.1 for ect and continuous, -1.2 for edm
     p_std: float | None = None  # None -> 2.0 for ect, 1.2 for edm
     q: float = 2.0  # ECT gap ratio: d(stage) = q^-(stage+1)
     k: float = 8.0  # ECT t -> r mapping constant
     b: float = 1.0  # ECT t -> r mapping constant
     stage_steps: int | None = 25000  # ECT steps per stage; None = fixed stage (AYT reference)
     init: str | None = None  # checkpoint (file or run dir) whose EMA weights initialise the net
+    teacher: str | None = None  # continuous only: EDM checkpoint whose EMA is the frozen teacher (distillation)
 
 
 @dataclass
@@ -178,6 +179,9 @@ class Config:
         """Raise `AytError` on out-of-range values; return self."""
         for section in SECTIONS:
             _RULES[section](getattr(self, section))
+        check(self.objective.kind != "continuous" or self.distance.name in ("l2", "mfd"),
+              f"objective.kind=continuous takes tangents in pixels (distance.name=l2) or in MFD features "
+              f"(distance.name=mfd), not distance.name={self.distance.name}")
         check(
             self.train.batch_size % self.train.grad_accum == 0,
             f"train.batch_size={self.train.batch_size} is not divisible by train.grad_accum={self.train.grad_accum}",
@@ -221,7 +225,9 @@ def _rules_network(c: NetworkConfig) -> None:
 
 
 def _rules_objective(c: ObjectiveConfig) -> None:
-    _one_of(c.kind, ["ect", "edm"], "objective.kind")
+    _one_of(c.kind, ["ect", "edm", "continuous"], "objective.kind")
+    check(c.teacher is None or c.kind == "continuous",
+          f"objective.teacher is used by continuous-time distillation only; set objective.kind=continuous or drop the teacher")
     _positive(c.p_std, "objective.p_std", allow_none=True)
     check(c.q > 1, f"objective.q={c.q} must be > 1")
     _positive(c.k, "objective.k", zero=True)

@@ -21,6 +21,7 @@ Every network call here runs in eval mode (no dropout) and without parameter gra
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,15 +32,13 @@ from torch import Tensor, nn
 from ayt.errors import AytError, check
 from ayt.losses import build_distance, distance_names
 from ayt.losses.aligned import Aligned
+from ayt.objectives.continuous import RMS_FLOOR, FeatureMap, feature_map, rms_normalise  # noqa: F401 (re-exported)
 from ayt.schedules import ect_r_from_t, lognormal_bucket_medians
 
 ALIGNED = "aligned"
 CONTINUOUS = "continuous"
 #: Feature distances whose network can serve as `phi` for the continuous feature tangent.
 CONTINUOUS_FEATURES = ("mfd",)
-RMS_FLOOR = 0.1  # the `+ 0.1` of the reference normalisation g / (rms(g) + 0.1)
-
-FeatureMap = Callable[[Tensor], Tensor]  # images [B, C, H, W] -> flattened features [B, F]
 
 
 # ---------------------------------------------------------------- names
@@ -222,12 +221,6 @@ def discrete_tangents(net: nn.Module, batch: AnalysisBatch, distances: Mapping[s
 
 
 # ---------------------------------------------------------------- continuous tangents
-def rms_normalise(g: Tensor) -> Tensor:
-    """`g / (rms(g) + 0.1)` per example, g [B, ...] (method.md section 5)."""
-    rms = g.flatten(1).square().mean(1).sqrt()
-    return g / (rms + RMS_FLOOR).view(-1, *([1] * (g.dim() - 1)))
-
-
 def _ode_direction(batch: AnalysisBatch) -> tuple[Tensor, Tensor]:
     """`(v, 1)`: `v = (x_t - x_0) / t` [B, C, H, W] (consistency training) and ones [B]."""
     return (batch.x_t - batch.x0) / batch.t.view(-1, 1, 1, 1), torch.ones_like(batch.t)
@@ -253,7 +246,9 @@ def output_velocity(net: nn.Module, batch: AnalysisBatch, phi: FeatureMap | None
         f = net(x, t, batch.labels)
         return (f if phi is None else phi(f)), f
 
-    with torch.no_grad(), eval_mode(net):
+    with torch.no_grad(), eval_mode(net), warnings.catch_warnings():
+        # torch's own forward-AD decompositions call the deprecated torch.jit.script once
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
         _, velocity, output = torch.func.jvp(fn, (batch.x_t, batch.t), _ode_direction(batch), has_aux=True)
     return output.detach(), velocity
 
@@ -269,17 +264,6 @@ def continuous_tangent(net: nn.Module, batch: AnalysisBatch, phi: FeatureMap | N
         _, pull_back = torch.func.vjp(phi, output)
         (tangent,) = pull_back(update)
     return ContinuousTangent(output, velocity, tangent.detach())
-
-
-def feature_map(mfd: nn.Module) -> FeatureMap:
-    """`phi(x)` [B, F] of an MFD distance: its selected feature outputs, flattened and concatenated."""
-    check(hasattr(mfd, "net") and hasattr(mfd, "layers"), "continuous feature tangents need an MFD distance (ayt.losses.mfd.MFD)")
-
-    def phi(x: Tensor) -> Tensor:
-        maps = mfd.net.features(x)
-        return torch.cat([maps[i].flatten(1) for i in mfd.layers], 1)
-
-    return phi
 
 
 # ---------------------------------------------------------------- everything at once
@@ -302,4 +286,4 @@ def check_consistency_state(state: dict, path: str) -> None:
     if kind == "edm":
         raise AytError(f"{path} is a diffusion (EDM) checkpoint; tangents are defined for consistency models: "
                        "pass a checkpoint of an ECT run (objective.kind=ect)")
-    check(kind == "ect", f"{path} holds a {kind!r} run, not a consistency model; pass a checkpoint of an ECT run")
+    check(kind in ("ect", "continuous"), f"{path} holds a {kind!r} run, not a consistency model; pass a checkpoint of an ECT run")

@@ -26,7 +26,7 @@ BOUNDARIES = ("edm", "exact")
 class Precond(nn.Module):
     """Wrap a `SongUNet` `F` into `f(x [B, C, H, W], t [B], labels) -> [B, C, H, W]`.
 
-    Scalings are computed in float32; the result is returned in `x`'s dtype.
+    Scalings are computed in float32 (float64 for float64 inputs); the result is returned in `x`'s dtype.
     """
 
     def __init__(self, net: SongUNet, sigma_data: float = 0.5, sigma_min: float = 0.002,
@@ -44,8 +44,8 @@ class Precond(nn.Module):
         self.label_dim = net.label_dim
 
     def scalings(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`t [B]` -> `(c_skip, c_out, c_in, c_noise)`, each `[B]` float32 (method.md section 1)."""
-        t = t.float()
+        """`t [B]` -> `(c_skip, c_out, c_in, c_noise)`, each `[B]` float32 or float64 (method.md section 1)."""
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
         sd2 = self.sigma_data ** 2
         shift = self.sigma_min if self.boundary == "exact" else 0.0
         norm = (t ** 2 + sd2).sqrt()
@@ -59,13 +59,14 @@ class Precond(nn.Module):
         t = self._noise_levels(t, x)
         c_skip, c_out, c_in, c_noise = (c[:, None, None, None] for c in self.scalings(t))
         f_x = self.net((c_in * x).to(x.dtype), c_noise.flatten(), labels)
-        return (c_skip * x + c_out * f_x.float()).to(x.dtype)
+        return (c_skip * x + c_out * f_x.to(c_out.dtype)).to(x.dtype)
 
     def _noise_levels(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-        """Noise levels as float32 `[B]` on `x`'s device; scalars are broadcast; all must be > 0."""
+        """Noise levels `[B]` on `x`'s device (float32, or float64 for float64 `x`); scalars are broadcast; all must be > 0."""
         b = x.shape[0]
-        t = t.to(device=x.device, dtype=torch.float32) if torch.is_tensor(t) else \
-            torch.tensor(float(t), device=x.device)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        t = t.to(device=x.device, dtype=dtype) if torch.is_tensor(t) else \
+            torch.tensor(float(t), device=x.device, dtype=dtype)
         check(t.dim() == 0 or tuple(t.shape) == (b,),
               f"t has shape {tuple(t.shape)}; expected ({b},) or a scalar")
         # Checked on CPU only: on an accelerator the check would wait for the device on every

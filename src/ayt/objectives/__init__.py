@@ -1,6 +1,7 @@
 """Training objectives; each maps `(net, x0, labels, step)` to a per-example loss [B]."""
 
+from ayt.objectives.continuous import ContinuousObjective
 from ayt.objectives.diffusion import EDMObjective
 from ayt.objectives.ect import ConsistencyPair, ECTObjective
 
-__all__ = ["ConsistencyPair", "ECTObjective", "EDMObjective"]
+__all__ = ["ConsistencyPair", "ContinuousObjective", "ECTObjective", "EDMObjective"]

@@ -1,0 +1,123 @@
+"""Continuous-time consistency training and distillation (method.md section 5).
+
+The consistency function `f(x_t, t)` must not change along a probability-flow ODE trajectory.
+Its rate of change there is a Jacobian-vector product in the direction `(v, 1)`,
+
+    g = d/dt phi(f(x_t, t)) = J_{phi o f}(x_t, t) (v, 1),
+
+with `phi` the identity (pixel tangent) or the frozen MFD feature network (AYT), and `v` the ODE
+velocity at `x_t`:
+
+- consistency *training*: `v = (x_t - x_0) / t = eps` (the conditional velocity, no teacher);
+- consistency *distillation*: `v = (x_t - D(x_t, t)) / t` with a frozen EDM denoiser `D`.
+
+`g` is computed without gradients, normalised per example as `u(g) = g / (rms(g) + 0.1)`, and
+the loss pushes `phi(f)` against it with weight `1/t`. The reference writes the loss as
+`(1/t) <phi(f), stopgrad u(g)>`; here it is `(1/(2t)) ||phi(f) - stopgrad(phi(f) - u(g))||^2`,
+whose gradient with respect to `phi(f)` is the same `u(g) / t` but whose value,
+`||u(g)||^2 / (2t)`, is a meaningful training curve (how fast the output still moves along
+the ODE) instead of an arbitrary inner product.
+
+The JVP and the student call share one dropout mask (`shared_dropout`), as ECT's student and
+target calls do.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ayt.errors import check
+from ayt.nets.dropout import shared_dropout
+from ayt.rng import StepRandom
+from ayt.schedules import lognormal_t
+
+RMS_FLOOR = 0.1  # the `+ 0.1` of the reference normalisation g / (rms(g) + 0.1)
+
+FeatureMap = Callable[[Tensor], Tensor]  # images [B, C, H, W] -> flattened features [B, F]
+
+
+def rms_normalise(g: Tensor) -> Tensor:
+    """`g / (rms(g) + 0.1)` per example, g [B, ...] (method.md section 5)."""
+    rms = g.flatten(1).square().mean(1).sqrt()
+    return g / (rms + RMS_FLOOR).view(-1, *([1] * (g.dim() - 1)))
+
+
+def feature_map(mfd: nn.Module) -> FeatureMap:
+    """`phi(x)` [B, F] of an MFD distance: its selected feature outputs, flattened and concatenated."""
+    check(hasattr(mfd, "net") and hasattr(mfd, "layers"), "continuous feature tangents need an MFD distance (ayt.losses.mfd.MFD)")
+
+    def phi(x: Tensor) -> Tensor:
+        maps = mfd.net.features(x)
+        return torch.cat([maps[i].flatten(1) for i in mfd.layers], 1)
+
+    return phi
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    """The module under DistributedDataParallel (forward-mode AD runs outside DDP's hooks)."""
+    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+
+
+class ContinuousObjective(nn.Module):
+    """Continuous-time CT / CD loss; returns per-example values [B].
+
+    Args:
+        mfd: an MFD distance module whose feature network is `phi`, or None for pixel tangents.
+        teacher: a frozen EDM denoiser `D(x, t, labels)` (distillation) or None (training).
+        p_mean, p_std: lognormal `t` distribution (ECT's by default).
+    """
+
+    def __init__(self, mfd: nn.Module | None = None, teacher: nn.Module | None = None,
+                 p_mean: float = -1.1, p_std: float = 2.0):
+        super().__init__()
+        self.mfd, self.teacher = mfd, teacher
+        self.phi: FeatureMap | None = None if mfd is None else feature_map(mfd)
+        self.p_mean, self.p_std = p_mean, p_std
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ContinuousObjective:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: never dropout
+        return self
+
+    def velocity(self, x_t: Tensor, x0: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        """The ODE velocity `v` [B, C, H, W] at `x_t`: the teacher's, or `(x_t - x_0) / t`."""
+        view = t.view(-1, 1, 1, 1)
+        if self.teacher is None:
+            return (x_t - x0) / view
+        with torch.no_grad():
+            return (x_t - self.teacher(x_t, t, labels).to(x_t.dtype)) / view
+
+    def tangent(self, net: nn.Module, x_t: Tensor, t: Tensor, v: Tensor, labels: Tensor | None) -> Tensor:
+        """`u(d phi(f(x_t, t)) / dt)` along `(v, 1)`, no gradients; [B, C, H, W] or [B, F]."""
+        model = _unwrap(net)
+
+        def fn(x: Tensor, level: Tensor) -> Tensor:
+            f = model(x, level, labels)
+            return f if self.phi is None else self.phi(f)
+
+        # fp32 even under the trainer's bf16 autocast: forward-mode AD fails with mixed dtypes
+        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False), warnings.catch_warnings():
+            # torch's own forward-AD decompositions call the deprecated torch.jit.script once
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+            _, g = torch.func.jvp(fn, (x_t, t), (v.to(x_t.dtype), torch.ones_like(t)))
+        return rms_normalise(g)
+
+    def forward(self, net: nn.Module, x0: Tensor, labels: Tensor | None = None, step: int = 0,
+                rng: StepRandom | None = None) -> Tensor:
+        rng = rng or StepRandom()
+        t = lognormal_t(rng.randn((x0.shape[0],), x0.device), self.p_mean, self.p_std)
+        x_t = x0 + t.view(-1, 1, 1, 1) * rng.randn_like(x0)
+        v = self.velocity(x_t, x0, t, labels)
+        with shared_dropout(net, rng.seed()):
+            u = self.tangent(net, x_t, t, v, labels)
+            f = net(x_t, t, labels)
+        y = (f if self.phi is None else self.phi(f)).to(u.dtype)  # features may be bf16 under autocast
+        target = (y - u).detach()
+        return 0.5 * (y - target).flatten(1).square().sum(1) / t

@@ -1,0 +1,134 @@
+"""Continuous-time consistency training and distillation (method.md section 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ayt.build import build_objective
+from ayt.cli import main
+from ayt.config import load_config
+from ayt.errors import AytError
+from ayt.features.nets import TinyVGG
+from ayt.losses.mfd import MFD
+from ayt.nets import build_network
+from ayt.objectives import ContinuousObjective
+from ayt.objectives.continuous import rms_normalise
+from ayt.rng import StepRandom
+
+from test_train import tiny as tiny_args
+
+
+def small_net(dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    net = build_network("tiny", img_resolution=8, in_channels=3, dropout=0.0,
+                        overrides={"model_channels": 8, "num_blocks": 1, "attn_resolutions": []})
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # the zero-initialised output layer carries signal
+    return net.to(dtype).train()
+
+
+def student_call(net: nn.Module) -> dict:
+    """Record the inputs and output of the last grad-enabled call of `net` (the student call)."""
+    seen: dict = {}
+
+    def hook(module, args, output):
+        if torch.is_grad_enabled():
+            seen.update(x=args[0].detach(), t=args[1].detach(), f=output)
+            output.retain_grad()
+
+    net.register_forward_hook(hook)
+    return seen
+
+
+def fd_velocity(fn, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, h: float = 1e-5) -> torch.Tensor:
+    """d/dt fn(x + s v, t + s) at s = 0 by central differences (float64)."""
+    with torch.no_grad():
+        return (fn(x + h * v, t + h) - fn(x - h * v, t - h)) / (2 * h)
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_gradient_on_the_output_is_the_normalised_ode_velocity_over_t(features):
+    """Consistency training: d loss / d phi(f) = u(d phi(f)/dt) / t with v = (x_t - x_0)/t, checked by
+    finite differences; with MFD features it reaches f through J_phi^T."""
+    net = small_net()
+    mfd = MFD(net=TinyVGG(3, 15, width=4, resolution=8)).double() if features else None
+    objective = ContinuousObjective(mfd)
+    seen = student_call(net)
+    x0 = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    loss = objective(net, x0, rng=StepRandom(torch.Generator().manual_seed(2)))
+    loss.sum().backward()
+    x_t, t, f = seen["x"], seen["t"].double(), seen["f"]  # t is drawn in float32
+    phi = (lambda y: y) if mfd is None else objective.phi
+    velocity = fd_velocity(lambda x, s: phi(net(x, s)), x_t, t, (x_t - x0) / t.view(-1, 1, 1, 1))
+    u = rms_normalise(velocity) / t.view(-1, *([1] * (velocity.dim() - 1)))
+    if mfd is None:
+        expected = u
+    else:
+        _, pull_back = torch.func.vjp(phi, f.detach())
+        (expected,) = pull_back(u)
+    torch.testing.assert_close(f.grad, expected, rtol=1e-5, atol=1e-8)
+    # the value is ||u||^2 / (2 t), not an arbitrary inner product
+    torch.testing.assert_close(loss, 0.5 * (u * t.view(-1, *([1] * (u.dim() - 1)))).flatten(1).square().sum(1) / t)
+
+
+class OracleTeacher(nn.Module):
+    """A perfect denoiser for one known batch: D(x_t, t) = x_0."""
+
+    def __init__(self, x0: torch.Tensor):
+        super().__init__()
+        self.x0 = x0
+
+    def forward(self, x, t, labels=None):
+        return self.x0
+
+
+def test_distillation_with_a_perfect_teacher_equals_training():
+    """v = (x_t - D(x_t, t)) / t; a teacher that returns x_0 gives the training velocity (x_t - x_0) / t."""
+    net = small_net(torch.float32)
+    x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ct = ContinuousObjective()(net, x0, rng=StepRandom(torch.Generator().manual_seed(3)))
+    cd = ContinuousObjective(teacher=OracleTeacher(x0))(net, x0, rng=StepRandom(torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(cd, ct)
+    half = ContinuousObjective(teacher=OracleTeacher(0.5 * x0))(net, x0, rng=StepRandom(torch.Generator().manual_seed(3)))
+    assert not torch.allclose(half, ct)  # the teacher's prediction is used
+
+
+def test_cli_continuous_training_and_distillation(tmp_path, capsys):
+    """EDM teacher -> continuous CT and CD (pixels, and MFD features) train, resume exactly and sample."""
+    edm = tmp_path / "edm"
+    assert main(["train", *tiny_args(edm, "objective.kind=edm", "train.steps=4", "train.batch_size=8")]) == 0
+    feats = tmp_path / "features"
+    assert main(["train-features", *tiny_args(feats, "train.steps=3", "train.batch_size=8", "features.width=4",
+                                               "features.holdout=32")]) == 0
+    common = ["objective.kind=continuous", f"objective.init={edm}", "train.batch_size=8", "network.dropout=0.3",
+              "train.checkpoint_every=2"]
+    straight = tmp_path / "ct"
+    assert main(["train", *tiny_args(straight, *common, "distance.name=l2", "train.steps=4")]) == 0
+    resumed = tmp_path / "ct-resumed"
+    assert main(["train", *tiny_args(resumed, *common, "distance.name=l2", "train.steps=2")]) == 0
+    assert main(["train", "--resume", str(resumed), "train.steps=4"]) == 0
+    from ayt.checkpoint import load_checkpoint
+
+    a, b = load_checkpoint(straight).modules["net"], load_checkpoint(resumed).modules["net"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    init = load_checkpoint(edm).modules["ema0"]
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # training moved the weights
+    cd = tmp_path / "cd"
+    assert main(["train", *tiny_args(cd, *common, "distance.name=mfd", f"distance.features={feats}",
+                                     f"objective.teacher={edm}", "train.steps=2")]) == 0
+    assert main(["sample", str(cd), "-n", "4", "--steps", "2", "--npz", str(tmp_path / "s.npz")]) == 0
+
+
+def test_bad_continuous_configs(tmp_path):
+    with pytest.raises(AytError, match="objective.kind=continuous"):
+        load_config(None, ["objective.teacher=somewhere"])
+    with pytest.raises(AytError, match="distance.name=l2"):
+        load_config(None, ["objective.kind=continuous", "distance.name=pseudo_huber"])
+    ect = tmp_path / "ect"
+    assert main(["train", *tiny_args(ect, "train.steps=1", "train.batch_size=4")]) == 0
+    config = load_config(None, ["objective.kind=continuous", "distance.name=l2", f"objective.teacher={ect}"])
+    with pytest.raises(AytError, match="needs an EDM diffusion model"):
+        build_objective(config, 8, 3)
