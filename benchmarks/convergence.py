@@ -135,6 +135,11 @@ ABLATIONS = {
     "mfd-lr30x": (("distance.name=mfd", "distance.mode=aligned", "optim.lr=0.006"), "features"),
     "pseudo_huber-lr30x": (("distance.name=pseudo_huber", "distance.mode=pixel", "optim.lr=0.006"), "features"),
     "l2": (("distance.name=l2", "distance.mode=pixel"), "features"),
+    # continuous-time consistency training (CT) and distillation from the EDM init ({edm}) (CD)
+    "continuous-ct": (("objective.kind=continuous", "distance.name=l2"), "features"),
+    "continuous-ct-mfd": (("objective.kind=continuous", "distance.name=mfd"), "features"),
+    "continuous-cd": (("objective.kind=continuous", "distance.name=l2", "objective.teacher={edm}"), "features"),
+    "continuous-cd-mfd": (("objective.kind=continuous", "distance.name=mfd", "objective.teacher={edm}"), "features"),
 }
 #: Extra feature networks of the ablations: folder -> (steps, overrides).
 FEATURE_VARIANTS = {"features-geo": (1000, ("features.subset=geo",)), "features-4k": (4000, ()),
@@ -247,7 +252,7 @@ def run_arm(dataset: str, arm: Arm, seed: int, run_dir: str, init_dir: str, feat
                  f"objective.init={init_dir}", f"objective.stage_steps={max(1, total // 4)}",
                  f"distance.features={features_dir}", "train.sample_every=0",
                  f"eval.every={total}", f"eval.num_samples={num_samples}", f"train.ema_decays=[{ema_decay}]",
-                 *arm.overrides]
+                 *(o.replace("{edm}", init_dir) for o in arm.overrides)]
     start = time.perf_counter()
     evaluator = None
     for k in eval_steps:

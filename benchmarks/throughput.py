@@ -57,6 +57,8 @@ DISTANCE_LABELS = {
     "mfd_plain": "MFD plain",
     "lpips": "LPIPS plain",
     "lpips_aligned": "LPIPS aligned",
+    "continuous": "continuous CT (pixel JVP)",
+    "continuous_mfd": "continuous CT (MFD JVP)",
 }
 MFD_TARGETS = {"tiny": 1.25, "cifar10-ddpmpp": 1.10}  # MFD step time / pseudo-Huber step time
 SAMPLING_TARGET = 1000.0  # images/s, 1-step sampling of the tiny preset on the CPU
@@ -177,6 +179,38 @@ def build_distance(name: str, preset: str, width: int, lpips_weights: str | None
     return Aligned(shared["lpips"]) if name == "lpips_aligned" else shared["lpips"]
 
 
+def continuous_objective(name: str, spec: dict):
+    """Continuous-time consistency training (no teacher) with pixel or MFD tangents."""
+    from ayt.losses.mfd import MFD
+    from ayt.objectives import ContinuousObjective
+
+    return ContinuousObjective(MFD(net=build_feature_net(spec["preset"], spec["tiny_width"])) if name == "continuous_mfd" else None)
+
+
+class WholeLoss:
+    """An objective without ECT's draw/loss split in the timing loop: `draw` computes the whole
+    per-example loss (JVP tangent and student forward), so its time lands in the forward phase."""
+
+    def __init__(self, objective) -> None:
+        self.objective = objective
+
+    def to(self, device):
+        self.objective.to(device)
+        return self
+
+    def parameters(self):
+        return self.objective.parameters()
+
+    def buffers(self):
+        return self.objective.buffers()
+
+    def draw(self, model, x0, labels, step, rng):
+        return self.objective(model, x0, labels, step, rng)
+
+    def loss(self, pair, step):
+        return pair
+
+
 def build_net(spec: dict, device):
     """The preset's preconditioned U-Net on `device`, seeded."""
     import torch
@@ -278,6 +312,9 @@ def build_train(spec: dict, device) -> tuple[tuple, list[TrainArm]]:
     shared: dict = {}
     arms = []
     for name in spec["distances"]:
+        if name.startswith("continuous"):
+            arms.append(TrainArm(name, WholeLoss(continuous_objective(name, spec)).to(device)))
+            continue
         distance = build_distance(name, spec["preset"], spec["tiny_width"], spec.get("lpips_weights"), shared)
         objective = ECTObjective(distance, q=256.0, stage_steps=None).to(device)  # the AYT reference stage
         arms.append(TrainArm(name, objective))

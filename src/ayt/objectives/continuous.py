@@ -13,10 +13,13 @@ velocity at `x_t`:
 
 `g` is computed without gradients, normalised per example as `u(g) = g / (rms(g) + 0.1)`, and
 the loss pushes `phi(f)` against it with weight `1/t`. The reference writes the loss as
-`(1/t) <phi(f), stopgrad u(g)>`; here it is `(1/(2t)) ||phi(f) - stopgrad(phi(f) - u(g))||^2`,
-whose gradient with respect to `phi(f)` is the same `u(g) / t` but whose value,
-`||u(g)||^2 / (2t)`, is a meaningful training curve (how fast the output still moves along
-the ODE) instead of an arbitrary inner product.
+`mean (1/t) <phi(f), stopgrad u(g)>`; here it is the mean over the `D` elements of
+`phi(f)` of `(1/(2t)) (phi(f) - stopgrad(phi(f) - u(g)))^2`, whose gradient with respect to
+`phi(f)` is `u(g) / (t D)` (the reference's direction, scaled by `1/D` as a mean over elements
+is) and whose value, `mean(u(g)^2) / (2t)`, is a meaningful training curve (how fast the
+output still moves along the ODE) instead of an arbitrary inner product. Averaging over the
+elements matters in practice: with a sum, the raw gradients are `D` times larger, and the
+first RAdam steps (which are not yet adaptive) wreck the initialisation.
 
 The JVP and the student call share one dropout mask (`shared_dropout`), as ECT's student and
 target calls do.
@@ -120,4 +123,4 @@ class ContinuousObjective(nn.Module):
             f = net(x_t, t, labels)
         y = (f if self.phi is None else self.phi(f)).to(u.dtype)  # features may be bf16 under autocast
         target = (y - u).detach()
-        return 0.5 * (y - target).flatten(1).square().sum(1) / t
+        return 0.5 * (y - target).flatten(1).square().mean(1) / t
