@@ -377,17 +377,18 @@ def run_benchmark(budget: Budget, out: Path, workers: int, deadline: float | Non
 
 
 def run_ablations(out: Path, workers: int, budget: Budget, names: list[str], batch: int,
-                  seeds: tuple[int, ...] = (0,), ds: str = "shapes") -> dict:
+                  seeds: tuple[int, ...] = (0,), ds: str = "shapes", init_root: Path | None = None) -> dict:
     """Small ablations on one dataset (seed 0 unless told): each named variant (plus its feature net if needed)."""
     runner = Runner(workers, None)
+    inits = init_root or out  # --long reuses the main benchmark's EDM model and feature networks
     variants = sorted({ABLATIONS[n][1] for n in names} & set(FEATURE_VARIANTS))
-    jobs = [(f"{ds}/{v}", run_init, ("features", ds, str(out / ds / v), *FEATURE_VARIANTS[v])) for v in variants]
+    jobs = [(f"{ds}/{v}", run_init, ("features", ds, str(inits / ds / v), *FEATURE_VARIANTS[v])) for v in variants]
     for name in sorted(names, key=lambda n: ABLATIONS[n][1] in FEATURE_VARIANTS):  # those needing a new phi last
         overrides, feats = ABLATIONS[name]
         arm = Arm(name, batch, overrides, feats)
         for seed in seeds:
-            args = (ds, arm, seed, str(out / ds / "ablations" / f"{arm.folder}-s{seed}"), str(out / ds / "edm"),
-                    str(out / ds / feats), budget.eval_steps, budget.num_samples[ds], budget.ema_decay)
+            args = (ds, arm, seed, str(out / ds / "ablations" / f"{arm.folder}-s{seed}"), str(inits / ds / "edm"),
+                    str(inits / ds / feats), budget.eval_steps, budget.num_samples[ds], budget.ema_decay)
             jobs.append((f"{ds}/ablation/{arm.folder}" + (f"-s{seed}" if seed else ""), run_arm, args))
     results = runner.map(jobs)
     runner.close()
@@ -707,6 +708,10 @@ def long_markdown(results: dict, results_dir: Path, target: Path | None) -> str:
         out += [f"#### {ds} ({total} steps)", "", dataset_table(ds, s, total), "", *claims_text(ds, s, total), "",
                 "Paired final differences:", "", *paired_table(results, ds, s["keys"]), "",
                 f"![{ds} long curves]({rel})", ""]
+        table = ablation_table([results_dir / "convergence-long-ablations-b64.json"], results, summary, ds)
+        if table:
+            out += [f"Ablations at {total} steps (`python benchmarks/convergence.py --long --ablations NAMES`), "
+                    "next to the seed-0 main arms:", "", *table, ""]
     return "\n".join(out)
 
 
@@ -843,7 +848,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"unknown ablation {unknown}; choose from {', '.join(ABLATIONS)}")
         seeds = tuple(int(v) for v in args.ablation_seeds.split(","))
-        res = run_ablations(out, args.workers, budget, names, args.ablation_batch, seeds, args.ablation_data)
+        res = run_ablations(out, args.workers, budget, names, args.ablation_batch, seeds, args.ablation_data, init_root)
         results_dir.mkdir(parents=True, exist_ok=True)
         path = results_dir / f"{prefix}-ablations-b{args.ablation_batch}.json"
         old = json.loads(path.read_text()) if path.is_file() else {}

@@ -62,8 +62,10 @@ def test_scalings_match_formulas(boundary):
     expected = (sd**2 / ((t - shift) ** 2 + sd**2), (t - shift) * sd / (t**2 + sd**2).sqrt(),
                 1 / (t**2 + sd**2).sqrt(), t.log() / 4)
     for got, want in zip((c_skip, c_out, c_in, c_noise), expected):
-        assert got.shape == (4,) and got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+        assert got.shape == (4,) and got.dtype == torch.float64  # float64 in, float64 out
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    for low in (torch.float32, torch.bfloat16):  # never below float32
+        assert all(c.dtype == torch.float32 for c in net.scalings(t.to(low)))
 
 
 def test_forward_is_the_preconditioned_formula():
