@@ -860,7 +860,9 @@ def compile_lines(results: list[tuple[str, dict]]) -> list[str]:
 def section_markdown(state: dict) -> str:
     """The whole section from the results gathered so far."""
     cfg, info = state["cfg"], state["info"]
-    out = [f"## Throughput ({cfg['device'].upper()})", "", f"Command: `{state['command']}`", "", machine_line(info),
+    extra = cfg["section"].removeprefix(f"throughput-{cfg['device']}").strip("-")
+    title = f"## Throughput ({cfg['device'].upper()}{', ' + extra if extra else ''})"
+    out = [title, "", f"Command: `{state['command']}`", "", machine_line(info),
            (f"Load average before the run: {state['load_before']}; after: {load_average()}. Torch threads per process: "
            f"{cfg['threads']}; `MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` = {MALLOC_ENV['MALLOC_MMAP_THRESHOLD_']} "
            "unless set."), ""]
