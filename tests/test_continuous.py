@@ -20,9 +20,9 @@ from ayt.rng import StepRandom
 from test_train import tiny as tiny_args
 
 
-def small_net(dtype=torch.float64) -> nn.Module:
+def small_net(dtype=torch.float64, dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(0)
-    net = build_network("tiny", img_resolution=8, in_channels=3, dropout=0.0,
+    net = build_network("tiny", img_resolution=8, in_channels=3, dropout=dropout,
                         overrides={"model_channels": 8, "num_blocks": 1, "attn_resolutions": []})
     with torch.no_grad():
         for p in net.parameters():
@@ -74,6 +74,54 @@ def test_gradient_on_the_output_is_the_normalised_ode_velocity_over_t(features):
     # the value is mean(u^2) / (2 t), not an arbitrary inner product
     unit = rms_normalise(velocity).flatten(1)
     torch.testing.assert_close(loss, 0.5 * unit.square().mean(1) / t)
+
+
+def test_the_tangent_uses_the_student_call_dropout_mask(monkeypatch):
+    """With dropout, the JVP runs under the student call's mask: the gradient matches finite
+    differences of the network with that same mask."""
+    import ayt.objectives.continuous as continuous
+    from ayt.nets.dropout import shared_dropout
+
+    net = small_net(dropout=0.3)
+    used = []
+    real = continuous.shared_dropout
+
+    def spy(module, seed, part=0):
+        used.append((seed, part))
+        return real(module, seed, part)
+
+    monkeypatch.setattr(continuous, "shared_dropout", spy)
+    seen = student_call(net)
+    x0 = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ContinuousObjective()(net, x0, rng=StepRandom(torch.Generator().manual_seed(2))).sum().backward()
+    x_t, t, f = seen["x"], seen["t"].double(), seen["f"]
+    (seed, part), = used
+    with shared_dropout(net, seed, part):
+        velocity = fd_velocity(lambda x, s: net(x, s), x_t, t, (x_t - x0) / t.view(-1, 1, 1, 1))
+    u = rms_normalise(velocity) / t.view(-1, 1, 1, 1) / velocity[0].numel()
+    torch.testing.assert_close(f.grad, u, rtol=1e-5, atol=1e-8)
+    with shared_dropout(net, seed + 1, part):  # another mask gives another tangent
+        other = fd_velocity(lambda x, s: net(x, s), x_t, t, (x_t - x0) / t.view(-1, 1, 1, 1))
+    assert not torch.allclose(other, velocity)
+
+
+def test_a_compiled_network_stays_compiled():
+    """The JVP runs on the plain module: a torch.compile'd network keeps its graph for the student
+    call (dynamo would otherwise skip every frame of the network after the JVP)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    net = small_net(torch.float32, dropout=0.2)
+    x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    eager = ContinuousObjective()(net, x0, rng=StepRandom(torch.Generator().manual_seed(2)))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(net, backend="eager", dynamic=False)
+    loss = ContinuousObjective()(compiled, x0, rng=StepRandom(torch.Generator().manual_seed(2)))
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs == 1  # the student call, whole (through the JVP: 12 fragments, or none with inductor)
+    torch.testing.assert_close(loss, eager)
 
 
 class OracleTeacher(nn.Module):

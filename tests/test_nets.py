@@ -251,6 +251,18 @@ def test_hashed_mask_rate_and_independence():
     assert abs((keep == other).float().mean().item() - (0.7 ** 2 + 0.3 ** 2)) < 0.01  # independent seeds
 
 
+def test_hashed_mask_threshold_and_rank_slices():
+    from ayt.nets.dropout import hashed_keep_mask
+
+    seed = torch.tensor([7, -9], dtype=torch.int32)
+    assert hashed_keep_mask((4096,), seed, 0.0).all()
+    assert not hashed_keep_mask((4096,), seed, 1 - 1e-12).any()  # p -> 1 drops everything (no wrap-around)
+    # the masks of a global batch of 6 rows, sliced by rank (3 rows each), equal the two ranks' masks
+    whole = hashed_keep_mask((6, 5, 4), seed, 0.4)
+    ranks = [hashed_keep_mask((3, 5, 4), seed, 0.4, part=r) for r in (0, 1)]
+    assert torch.equal(whole, torch.cat(ranks))
+
+
 def test_unet_traces_as_one_graph_without_recompiling_per_seed():
     """torch.compile sees the whole network in train mode with seeded dropout as one graph
     (fullgraph raises on a graph break), and a new dropout seed reuses the compiled graph."""

@@ -40,6 +40,9 @@ def test_learns_geometric_perturbations_better_than_zeros(tmp_path: Path) -> Non
     assert result.heldout["p"] == 0.5 and result.heldout["images"] == 256
     assert geometric["ratio"] < 0.85, geometric
     assert geometric["mse_zero"] > 0.3  # about half the held-out images carry each perturbation
+    per = result.heldout["perturbations"]  # one entry per perturbation of the subset, in target order
+    assert list(per) == ["iso_scale", "rotation", "aniso_scale", "translation"]
+    assert per["iso_scale"]["ratio"] < 0.85  # the easiest geometric target on shapes (measured 0.2-0.4)
     saved = json.loads((tmp_path / "run" / "heldout.json").read_text())
     assert saved == result.heldout == load_checkpoint(tmp_path / "run").state["heldout"]
     logged = [r for r in read_log(tmp_path / "run") if "eval/ratio_geometric" in r]

@@ -58,20 +58,25 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 16) & 0xFFFF)
 
 
-def hashed_keep_mask(shape: torch.Size | tuple[int, ...], seed: torch.Tensor, p: float) -> torch.Tensor:
-    """Boolean keep-mask of `shape`: element `i` kept iff `hash(i, seed) >= p 2^32` (as unsigned).
+def hashed_keep_mask(shape: torch.Size | tuple[int, ...], seed: torch.Tensor, p: float, part: int = 0) -> torch.Tensor:
+    """Boolean keep-mask of `shape`: element `i` kept iff `hash(part * numel + i, seed) >= p 2^32` (unsigned).
 
     `seed` is an int32 tensor `[2]` (two 32-bit halves) on the target device. The mask is a pure
-    function of (shape, seed, p): no generator state, identical on every device, and made of
-    tensor ops only, so `torch.compile` traces it without graph breaks or recompiles.
+    function of (shape, seed, p, part): no generator state, identical on every device, and made
+    of tensor ops only, so `torch.compile` traces it without graph breaks or recompiles. `part`
+    (a DDP rank) selects that rank's slice of the mask of the global batch, so a run's masks do
+    not depend on the number of processes.
     """
     n = math.prod(shape)
-    check(n < 2**31, f"dropout on {n} elements: the seeded mask indexes at most 2^31; use a smaller batch")
-    index = torch.arange(n, device=seed.device, dtype=torch.int32).view(shape)
+    check(n * (part + 1) < 2**31, f"dropout on {n * (part + 1)} elements: the seeded mask indexes at most 2^31; "
+          "use a smaller batch")
+    index = torch.arange(part * n, (part + 1) * n, device=seed.device, dtype=torch.int32).view(shape)
     h = _hash32(index * _int32(0x9E3779B9) ^ seed[0])
     h = _hash32(h ^ seed[1])
-    # unsigned h >= p 2^32  <=>  signed h >= p 2^32 - 2^31
-    return h >= int(round(p * 2**32)) - 2**31
+    # Flipping the sign bit maps the unsigned order of the bit patterns onto the signed order:
+    # signed(h ^ 0x80000000) = unsigned(h) - 2^31. Keep iff unsigned(h) >= round(p 2^32).
+    threshold = min(int(round(p * 2**32)), 2**32 - 1)
+    return (h ^ _int32(0x80000000)) >= threshold - 2**31
 
 
 class SeededDropout(nn.Module):
@@ -88,6 +93,7 @@ class SeededDropout(nn.Module):
         self.shared_seed: int | None = None  # set by `shared_dropout`, else None
         self.shared = False  # whether `shared_seed` is set (forward reads only this flag: a
         # compiled graph guards on its value, and on an int it would recompile per seed)
+        self.part = 0  # this process's slice of the global batch (its DDP rank; fixed per process)
         # The same seed as a tensor (two 32-bit halves), filled in place by `shared_dropout`:
         # a buffer, so a compiled graph reads its value instead of specialising on it.
         self.register_buffer("seed_halves", torch.zeros(2, dtype=torch.int32), persistent=False)
@@ -95,14 +101,14 @@ class SeededDropout(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
-    def set_shared_seed(self, seed: int | None) -> None:
-        self.shared_seed, self.shared = seed, seed is not None
+    def set_shared_seed(self, seed: int | None, part: int = 0) -> None:
+        self.shared_seed, self.shared, self.part = seed, seed is not None, part
         if seed is not None:
             self.seed_halves.copy_(torch.tensor([_int32(seed), _int32(seed >> 32)], dtype=torch.int32))
 
     def keep_mask(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """Boolean keep-mask of `shape` for this layer's shared seed (see `hashed_keep_mask`)."""
-        return hashed_keep_mask(shape, self.seed_halves, self.p)
+        return hashed_keep_mask(shape, self.seed_halves, self.p, self.part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -131,7 +137,7 @@ class SeededLabelDropout(SeededDropout):
 
 
 @contextmanager
-def shared_dropout(module: nn.Module, seed: int) -> Iterator[None]:
+def shared_dropout(module: nn.Module, seed: int, part: int = 0) -> Iterator[None]:
     """Make every `SeededDropout` in `module` use a mask fixed by `(seed, layer index)`.
 
     Layer indices follow `module.modules()` order. Usage (method.md section 2)::
@@ -141,16 +147,17 @@ def shared_dropout(module: nn.Module, seed: int) -> Iterator[None]:
             with torch.no_grad():
                 y_target = net(x_r, r)      # same masks as the student call
 
-    Nested contexts: the innermost seed wins; the previous seeds are restored on exit.
+    Nested contexts: the innermost seed wins; the previous seeds are restored on exit. `part` is
+    the DDP rank: rank r takes rows r*B..(r+1)*B-1 of the global batch's masks (B local rows).
     """
     check(isinstance(seed, int), f"shared_dropout seed must be an int, got {type(seed).__name__}; "
           "draw one with torch.randint(...).item()")
     layers = [m for m in module.modules() if isinstance(m, SeededDropout)]
-    previous = [layer.shared_seed for layer in layers]
+    previous = [(layer.shared_seed, layer.part) for layer in layers]
     for index, layer in enumerate(layers):
-        layer.set_shared_seed(_mix_seed(seed, index))
+        layer.set_shared_seed(_mix_seed(seed, index), part)
     try:
         yield
     finally:
-        for layer, old in zip(layers, previous):
-            layer.set_shared_seed(old)
+        for layer, (old, old_part) in zip(layers, previous):
+            layer.set_shared_seed(old, old_part)

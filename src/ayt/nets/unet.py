@@ -141,7 +141,7 @@ class PositionalEmbedding(nn.Module):
         self.register_buffer("freqs", (1.0 / max_positions) ** exponents, persistent=False)
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        angles = c_noise.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
+        angles = c_noise.to(torch.promote_types(self.freqs.dtype, torch.float32))[:, None] * self.freqs[None, :]
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
@@ -156,7 +156,7 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("freqs", torch.randn(channels // 2) * scale)
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        angles = c_noise.to(self.freqs.dtype)[:, None] * (2 * math.pi * self.freqs[None, :])
+        angles = c_noise.to(torch.promote_types(self.freqs.dtype, torch.float32))[:, None] * (2 * math.pi * self.freqs[None, :])
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 

@@ -16,8 +16,9 @@ the loss pushes `phi(f)` against it with weight `1/t`. The reference writes the 
 `mean (1/t) <phi(f), stopgrad u(g)>`; here it is the mean over the `D` elements of
 `phi(f)` of `(1/(2t)) (phi(f) - stopgrad(phi(f) - u(g)))^2`, whose gradient with respect to
 `phi(f)` is `u(g) / (t D)` (the reference's direction, scaled by `1/D` as a mean over elements
-is) and whose value, `mean(u(g)^2) / (2t)`, is a meaningful training curve (how fast the
-output still moves along the ODE) instead of an arbitrary inner product. Averaging over the
+is) and whose value is `mean(u(g)^2) / (2t)` instead of an arbitrary inner product. As
+`mean(u^2) = (rms g / (rms g + 0.1))^2`, the value stays near `1/(2t)` until the tangent gets
+small (rms below about 0.1), so the logged loss mostly reflects the drawn `t`. Averaging over the
 elements matters in practice: with a sum, the raw gradients are `D` times larger, and the
 first RAdam steps (which are not yet adaptive) wreck the initialisation.
 
@@ -61,8 +62,14 @@ def feature_map(mfd: nn.Module) -> FeatureMap:
 
 
 def _unwrap(net: nn.Module) -> nn.Module:
-    """The module under DistributedDataParallel (forward-mode AD runs outside DDP's hooks)."""
-    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+    """The plain module under DistributedDataParallel and torch.compile.
+
+    Forward-mode AD runs outside DDP's hooks, and never through a compiled module: dynamo cannot
+    resume inside `torch.func.jvp` and would then skip (run eagerly) every frame of the network,
+    also for the compiled student call.
+    """
+    net = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+    return getattr(net, "_orig_mod", net)
 
 
 class ContinuousObjective(nn.Module):
@@ -118,7 +125,7 @@ class ContinuousObjective(nn.Module):
         t = lognormal_t(rng.randn((x0.shape[0],), x0.device), self.p_mean, self.p_std)
         x_t = x0 + t.view(-1, 1, 1, 1) * rng.randn_like(x0)
         v = self.velocity(x_t, x0, t, labels)
-        with shared_dropout(net, rng.seed()):
+        with shared_dropout(net, rng.seed(), rng.rank):
             u = self.tangent(net, x_t, t, v, labels)
             f = net(x_t, t, labels)
         y = (f if self.phi is None else self.phi(f)).to(u.dtype)  # features may be bf16 under autocast

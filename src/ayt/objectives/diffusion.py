@@ -38,6 +38,6 @@ class EDMObjective(nn.Module):
         t = lognormal_t(rng.randn((x0.shape[0],), x0.device), self.p_mean, self.p_std)
         weight = (t**2 + self.sigma_data**2) / (t * self.sigma_data) ** 2
         x_t = x0 + t.view(-1, 1, 1, 1) * rng.randn_like(x0)
-        with shared_dropout(net, rng.seed()):  # dropout drawn from `rng` too: resumable
+        with shared_dropout(net, rng.seed(), rng.rank):  # dropout drawn from `rng` too: resumable
             denoised = net(x_t, t, labels)
         return weight * (denoised - x0).square().flatten(1).mean(1)

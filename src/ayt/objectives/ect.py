@@ -89,7 +89,7 @@ class ECTObjective(nn.Module):
         r = ect_r_from_t(t, self.stage(step), self.q, self.k, self.b)
         eps = rng.randn_like(x0)
         view = (-1, 1, 1, 1)
-        with shared_dropout(net, rng.seed()):
+        with shared_dropout(net, rng.seed(), rng.rank):
             student = net(x0 + t.view(view) * eps, t, labels)
             with torch.no_grad():
                 r_safe = torch.where(r > 0, r, t)  # the r = 0 entries are replaced by x0 below
