@@ -49,6 +49,15 @@ def test_dropout_masks_equal_on_cpu_and_cuda():
                        hashed_keep_mask((64, 32, 16, 16), seed.cuda(), 0.2).cpu())
 
 
+def test_compiled_dropout_masks_equal_eager_on_cuda():
+    """Inductor's generated kernels reproduce the int32 hash (wrapping products) bit for bit."""
+    from ayt.nets.dropout import hashed_keep_mask
+
+    seed = torch.tensor([987654321, -5], dtype=torch.int32, device="cuda")
+    compiled = torch.compile(lambda s: hashed_keep_mask((64, 32, 16, 16), s, 0.2, part=1))
+    assert torch.equal(compiled(seed).cpu(), hashed_keep_mask((64, 32, 16, 16), seed.cpu(), 0.2, part=1))
+
+
 def test_compiled_bf16_training_on_cuda(tmp_path):
     run = tmp_path / "compiled"
     assert main(["train", *TINY, "train.steps=6", "train.precision=bf16", "train.compile=true",

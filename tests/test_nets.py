@@ -306,3 +306,17 @@ def test_factory_settings_reach_the_network():
     rates = {m.p for m in net.modules() if type(m) is SeededDropout}
     assert rates == {0.2} and net.net.map_layer0.in_features == 16
     assert NETWORK_PRESETS["cifar10-ddpmpp"]["model_channels"] == 128
+
+
+@pytest.mark.slow
+def test_inductor_reproduces_the_dropout_hash_on_cpu():
+    """The C++ kernels inductor generates give the same masks as eager (int32 products wrap)."""
+    import torch._dynamo
+
+    from ayt.nets.dropout import hashed_keep_mask
+
+    seed = torch.tensor([987654321, -5], dtype=torch.int32)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s: hashed_keep_mask((8, 16, 8, 8), s, 0.3, part=2))
+    assert torch.equal(compiled(seed), hashed_keep_mask((8, 16, 8, 8), seed, 0.3, part=2))
+    torch._dynamo.reset()
