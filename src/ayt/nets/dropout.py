@@ -101,10 +101,14 @@ class SeededDropout(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
-    def set_shared_seed(self, seed: int | None, part: int = 0) -> None:
+    def set_shared_seed(self, seed: int | None, part: int = 0, halves: torch.Tensor | None = None) -> None:
+        """Share masks under `seed` (None: back to plain dropout). `halves`: the seed's two int32
+        halves already on this layer's device (`shared_dropout` moves all layers' at once)."""
         self.shared_seed, self.shared, self.part = seed, seed is not None, part
         if seed is not None:
-            self.seed_halves.copy_(torch.tensor([_int32(seed), _int32(seed >> 32)], dtype=torch.int32))
+            if halves is None:
+                halves = torch.tensor([_int32(seed), _int32(seed >> 32)], dtype=torch.int32)
+            self.seed_halves.copy_(halves)
 
     def keep_mask(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """Boolean keep-mask of `shape` for this layer's shared seed (see `hashed_keep_mask`)."""
@@ -136,6 +140,15 @@ class SeededLabelDropout(SeededDropout):
         return x * keep.to(x.dtype)
 
 
+def _halves_on_device(seeds: list[int], device: torch.device) -> torch.Tensor:
+    """`[L, 2]` int32 halves of the layers' seeds on `device`, in one host-to-device copy
+    (pinned and asynchronous on CUDA, instead of one blocking copy per layer)."""
+    halves = torch.tensor([[_int32(s), _int32(s >> 32)] for s in seeds], dtype=torch.int32)
+    if device.type == "cuda":
+        return halves.pin_memory().to(device, non_blocking=True)
+    return halves.to(device)
+
+
 @contextmanager
 def shared_dropout(module: nn.Module, seed: int, part: int = 0) -> Iterator[None]:
     """Make every `SeededDropout` in `module` use a mask fixed by `(seed, layer index)`.
@@ -154,10 +167,12 @@ def shared_dropout(module: nn.Module, seed: int, part: int = 0) -> Iterator[None
           "draw one with torch.randint(...).item()")
     layers = [m for m in module.modules() if isinstance(m, SeededDropout)]
     previous = [(layer.shared_seed, layer.part) for layer in layers]
+    seeds = [_mix_seed(seed, index) for index in range(len(layers))]
+    halves = _halves_on_device(seeds, layers[0].seed_halves.device) if layers else None
     for index, layer in enumerate(layers):
-        layer.set_shared_seed(_mix_seed(seed, index), part)
+        layer.set_shared_seed(seeds[index], part, halves[index])
     try:
         yield
     finally:
         for layer, (old, old_part) in zip(layers, previous):
-            layer.set_shared_seed(old, old_part)
+            layer.set_shared_seed(old, old_part)  # nested contexts only copy again
