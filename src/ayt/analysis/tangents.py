@@ -21,8 +21,7 @@ Every network call here runs in eval mode (no dropout) and without parameter gra
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 from ayt.errors import AytError, check
 from ayt.losses import build_distance, distance_names
 from ayt.losses.aligned import Aligned
-from ayt.objectives.continuous import RMS_FLOOR, FeatureMap, feature_map, rms_normalise  # noqa: F401 (re-exported)
+from ayt.objectives.continuous import FeatureMap, feature_map, quiet_jvp, rms_normalise
 from ayt.schedules import ect_r_from_t, lognormal_bucket_medians
 
 ALIGNED = "aligned"
@@ -246,10 +245,8 @@ def output_velocity(net: nn.Module, batch: AnalysisBatch, phi: FeatureMap | None
         f = net(x, t, batch.labels)
         return (f if phi is None else phi(f)), f
 
-    with torch.no_grad(), eval_mode(net), warnings.catch_warnings():
-        # torch's own forward-AD decompositions call the deprecated torch.jit.script once
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-        _, velocity, output = torch.func.jvp(fn, (batch.x_t, batch.t), _ode_direction(batch), has_aux=True)
+    with torch.no_grad(), eval_mode(net):
+        _, velocity, output = quiet_jvp(fn, (batch.x_t, batch.t), _ode_direction(batch), has_aux=True)
     return output.detach(), velocity
 
 

@@ -61,6 +61,14 @@ def feature_map(mfd: nn.Module) -> FeatureMap:
     return phi
 
 
+def quiet_jvp(fn: Callable, primals: tuple, tangents: tuple, **kwargs):
+    """`torch.func.jvp`, minus the FutureWarning that torch's own forward-AD decompositions
+    raise once (they call the deprecated `torch.jit.script`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+        return torch.func.jvp(fn, primals, tangents, **kwargs)
+
+
 def _unwrap(net: nn.Module) -> nn.Module:
     """The plain module under DistributedDataParallel and torch.compile.
 
@@ -113,10 +121,8 @@ class ContinuousObjective(nn.Module):
             return f if self.phi is None else self.phi(f)
 
         # fp32 even under the trainer's bf16 autocast: forward-mode AD fails with mixed dtypes
-        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False), warnings.catch_warnings():
-            # torch's own forward-AD decompositions call the deprecated torch.jit.script once
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-            _, g = torch.func.jvp(fn, (x_t, t), (v.to(x_t.dtype), torch.ones_like(t)))
+        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):
+            _, g = quiet_jvp(fn, (x_t, t), (v.to(x_t.dtype), torch.ones_like(t)))
         return rms_normalise(g)
 
     def forward(self, net: nn.Module, x0: Tensor, labels: Tensor | None = None, step: int = 0,
