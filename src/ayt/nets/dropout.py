@@ -45,6 +45,11 @@ def _int32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
+def _seed_halves(seed: int) -> list[int]:
+    """A 64-bit seed as its two 32-bit halves, each as a signed int32 value."""
+    return [_int32(seed), _int32(seed >> 32)]
+
+
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     """The 'lowbias32' integer hash, elementwise on int32 tensors (bit patterns, wrapping products).
 
@@ -107,7 +112,7 @@ class SeededDropout(nn.Module):
         self.shared_seed, self.shared, self.part = seed, seed is not None, part
         if seed is not None:
             if halves is None:
-                halves = torch.tensor([_int32(seed), _int32(seed >> 32)], dtype=torch.int32)
+                halves = torch.tensor(_seed_halves(seed), dtype=torch.int32)
             self.seed_halves.copy_(halves)
 
     def keep_mask(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -143,7 +148,7 @@ class SeededLabelDropout(SeededDropout):
 def _halves_on_device(seeds: list[int], device: torch.device) -> torch.Tensor:
     """`[L, 2]` int32 halves of the layers' seeds on `device`, in one host-to-device copy
     (pinned and asynchronous on CUDA, instead of one blocking copy per layer)."""
-    halves = torch.tensor([[_int32(s), _int32(s >> 32)] for s in seeds], dtype=torch.int32)
+    halves = torch.tensor([_seed_halves(s) for s in seeds], dtype=torch.int32)
     if device.type == "cuda":
         return halves.pin_memory().to(device, non_blocking=True)
     return halves.to(device)

@@ -64,7 +64,7 @@ class Precond(nn.Module):
     def _noise_levels(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
         """Noise levels `[B]` on `x`'s device (float32, or float64 for float64 `x`); scalars are broadcast; all must be > 0."""
         b = x.shape[0]
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = torch.promote_types(x.dtype, torch.float32)  # as `scalings`: never below float32
         t = t.to(device=x.device, dtype=dtype) if torch.is_tensor(t) else \
             torch.tensor(float(t), device=x.device, dtype=dtype)
         check(t.dim() == 0 or tuple(t.shape) == (b,),
