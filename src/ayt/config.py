@@ -227,7 +227,7 @@ def _rules_network(c: NetworkConfig) -> None:
 def _rules_objective(c: ObjectiveConfig) -> None:
     _one_of(c.kind, ["ect", "edm", "continuous"], "objective.kind")
     check(c.teacher is None or c.kind == "continuous",
-          f"objective.teacher is used by continuous-time distillation only; set objective.kind=continuous or drop the teacher")
+          "objective.teacher is used by continuous-time distillation only; set objective.kind=continuous or drop the teacher")
     _positive(c.p_std, "objective.p_std", allow_none=True)
     check(c.q > 1, f"objective.q={c.q} must be > 1")
     _positive(c.k, "objective.k", zero=True)
