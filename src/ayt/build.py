@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ayt.checkpoint import check_compatible, load_checkpoint
-from ayt.config import Config, config_from_dict
+from ayt.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from ayt.config import Config, config_from_dict, save_config
 from ayt.data import ImageDataset, build_dataset
 from ayt.errors import AytError, check
 from ayt.losses import build_distance
 from ayt.losses.aligned import Aligned
-from ayt.nets import Precond, build_network
+from ayt.nets import NETWORK_PRESETS, Precond, build_network
+from ayt.nets.edm_pickle import EdmArchitecture, edm_network, is_edm_pickle
 from ayt.objectives import ContinuousObjective, ECTObjective, EDMObjective
 from ayt.schedules import ect_gap
 
@@ -117,7 +119,15 @@ def _load_teacher(path: str, resolution: int | None, channels: int | None) -> Pr
 
 
 def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[Precond, Config]:
-    """Rebuild a network from a checkpoint (file or run directory) with the config it was trained with."""
+    """Rebuild a network from a checkpoint (folder or run directory) with the config it was trained with.
+
+    An EDM network pickle (`.pkl`, e.g. `edm-cifar10-32x32-uncond-vp.pkl`) is read without
+    running its code (`ayt.nets.edm_pickle`) and comes with the config `edm_config` derives.
+    """
+    if is_edm_pickle(path):
+        check(which == "ema", f"{path}: an EDM network pickle holds one network, its EMA; drop --weights {which}")
+        net, arch = _edm_model(path)
+        return net.to(device).eval(), edm_config(arch)
     ckpt = load_checkpoint(path)
     config = config_from_dict(ckpt.state["config"])
     info = ckpt.state["data_info"]
@@ -126,3 +136,92 @@ def load_model(path: str | Path, which: str = "ema", device: str | torch.device 
     check_compatible(weights, net, str(ckpt.path))
     net.load_state_dict(weights)
     return net.to(device).eval(), config
+
+
+def _edm_model(path: str | Path) -> tuple[Precond, EdmArchitecture]:
+    """An EDM pickle's EMA network on ayt's sampling range; what was dropped is said on stderr."""
+    defaults = Config().network
+    net, arch = edm_network(path, sigma_min=defaults.sigma_min, sigma_max=defaults.sigma_max)
+    for note in arch.notes:
+        print(f"note: {path}: {note}", file=sys.stderr)
+    return net, arch
+
+
+def _closest_preset(unet_kwargs: dict) -> tuple[str, dict]:
+    """The network preset nearest to `unet_kwargs` and the overrides that turn it into them."""
+    fixed = ("img_resolution", "in_channels", "out_channels", "label_dim", "dropout")
+    wanted = {k: v for k, v in unet_kwargs.items() if k not in fixed}
+
+    def overrides(preset: str) -> dict:
+        base = build_network_defaults(preset)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in wanted.items()
+                if _plain(base.get(k)) != _plain(v)}
+
+    best = min(NETWORK_PRESETS, key=lambda name: len(overrides(name)))
+    return best, overrides(best)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def build_network_defaults(preset: str) -> dict:
+    """The SongUNet keyword arguments of a preset, with SongUNet's own defaults filled in."""
+    import inspect
+
+    from ayt.nets.unet import SongUNet
+
+    defaults = {k: p.default for k, p in inspect.signature(SongUNet.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **NETWORK_PRESETS[preset]}
+
+
+def edm_config(arch: EdmArchitecture) -> Config:
+    """An `ayt` config that rebuilds an EDM pickle's network: a preset (+ overrides), EDM scalings, kind `edm`.
+
+    The data section names CIFAR-10 for 32x32 RGB networks (EDM's CIFAR-10 models) and an image
+    folder otherwise; pass `data.*` overrides to train or evaluate on other data.
+    """
+    kw = arch.unet_kwargs
+    preset, overrides = _closest_preset(kw)
+    res, channels = kw["img_resolution"], kw["in_channels"]
+    data = {"name": "cifar10", "root": "data/cifar10", "resolution": 32} if (res, channels) == (32, 3) else \
+        {"name": "folder", "root": None, "resolution": res, "channels": channels}
+    return config_from_dict({
+        "data": data,
+        "network": {"preset": preset, "dropout": kw["dropout"], "sigma_data": arch.sigma_data,
+                    "conditional": kw["label_dim"] > 0, "overrides": overrides},
+        "objective": {"kind": "edm"},
+    })
+
+
+def edm_data_info(arch: EdmArchitecture, config: Config) -> dict:
+    """The `data_info` of a checkpoint converted from an EDM pickle."""
+    kw = arch.unet_kwargs
+    return {"name": config.data.name, "resolution": kw["img_resolution"], "channels": kw["in_channels"],
+            "num_classes": kw["label_dim"]}
+
+
+def convert_edm(path: str | Path, out: str | Path) -> Path:
+    """Write an EDM network pickle as an `ayt` run folder: `config.yaml` + a step-0 checkpoint.
+
+    The checkpoint holds the EMA weights as `ema0` (what `load_model`, `objective.init`,
+    `objective.teacher`, `ayt sample` and `ayt eval` read) and `net`; its config rebuilds the
+    network exactly (`edm_config`). `out` must not exist yet or be empty, so nothing is overwritten.
+    """
+    out = Path(out)
+    check(not out.exists() or (out.is_dir() and not any(out.iterdir())),
+          f"--out {out} exists and is not empty; choose a new folder")
+    check(out.parent.is_dir(), f"--out {out}: the folder {out.parent} does not exist; create it first")
+    net, arch = _edm_model(path)
+    config = edm_config(arch)
+    rebuilt = build_net(config, arch.unet_kwargs["img_resolution"], arch.unet_kwargs["in_channels"],
+                        arch.unet_kwargs["label_dim"])
+    weights = net.state_dict()
+    check_compatible(weights, rebuilt, str(path))
+    out.mkdir(exist_ok=True)
+    state = {"config": config.to_dict(), "data_info": edm_data_info(arch, config),
+             "source": {"edm_pickle": str(Path(path).resolve()), "notes": arch.notes}}
+    save_checkpoint(out, 0, {"ema0": weights, "net": weights}, state)
+    save_config(config, out / "config.yaml")
+    return out

@@ -1,4 +1,4 @@
-"""Command line: `ayt demo | train | train-features | sample | eval | fid-stats | tangents | report`.
+"""Command line: `ayt demo | train | train-features | sample | eval | fid-stats | tangents | convert | report`.
 
 See `ayt COMMAND --help`.
 
@@ -92,6 +92,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ayt.build import convert_edm, load_model
+
+    out = convert_edm(args.pickle, args.out)
+    net, config = load_model(out)
+    print(f"wrote {out}: {config.network.preset} network ({sum(p.numel() for p in net.parameters()):,} parameters), "
+          f"EMA weights as ema0; use it as objective.init={out}, objective.teacher={out}, ayt sample {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ayt.demo import run_demo
 
@@ -134,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_features)
 
     p = sub.add_parser("sample", help="generate images from a checkpoint", description="1-step or multistep sampling from a checkpoint (file or run folder).")
-    p.add_argument("checkpoint", help="checkpoint folder or run folder (its latest checkpoint)")
+    p.add_argument("checkpoint", help="checkpoint folder, run folder (its latest checkpoint) or EDM network .pkl")
     p.add_argument("-n", "--num", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--steps", default="1", help="consistency schedule: 1, 2 (80, 0.821) or a comma list of levels")
     p.add_argument("--heun-steps", type=int, default=18, help="EDM Heun steps for diffusion checkpoints (default 18)")
@@ -155,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval(sub)
     add_tangents(sub)
+
+    p = sub.add_parser("convert", help="convert an EDM network pickle into an ayt run folder (no pickled code is run)",
+                       description="Read an NVlabs EDM network pickle (released edm-*.pkl or network-snapshot-*.pkl) "
+                       "without executing its code and write its EMA network as an ayt checkpoint with a config that rebuilds it.")
+    p.add_argument("pickle", help="EDM network pickle, e.g. edm-cifar10-32x32-uncond-vp.pkl")
+    p.add_argument("--out", required=True, help="new run folder to write (must not exist or be empty)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="end-to-end demo on built-in shapes data (about 10 minutes on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo); a rerun reuses finished stages")

@@ -40,7 +40,7 @@ class DataConfig:
 class NetworkConfig:
     """The U-Net and its preconditioning (see `ayt.nets.build_network`)."""
 
-    preset: str = "tiny"  # tiny | small | cifar10-ddpmpp
+    preset: str = "tiny"  # tiny | small | cifar10-ddpmpp | cifar10-ncsnpp
     dropout: float | None = None  # None keeps the preset's dropout
     boundary: str = "edm"  # edm (plain EDM scalings) | exact (f(x, sigma_min) = x)
     sigma_data: float = 0.5
@@ -61,8 +61,8 @@ class ObjectiveConfig:
     k: float = 8.0  # ECT t -> r mapping constant
     b: float = 1.0  # ECT t -> r mapping constant
     stage_steps: int | None = 25000  # ECT steps per stage; None = fixed stage (AYT reference)
-    init: str | None = None  # checkpoint (file or run dir) whose EMA weights initialise the net
-    teacher: str | None = None  # continuous only: EDM checkpoint whose EMA is the frozen teacher (distillation)
+    init: str | None = None  # checkpoint (folder, run dir or EDM .pkl) whose EMA weights initialise the net
+    teacher: str | None = None  # continuous only: EDM checkpoint (run dir or EDM .pkl) whose EMA is the frozen teacher (distillation)
 
 
 @dataclass

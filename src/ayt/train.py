@@ -23,7 +23,8 @@ from torch import nn
 from ayt.build import build_data, build_net, build_objective, load_model
 from ayt.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from ayt.config import Config, save_config
-from ayt.errors import check
+from ayt.errors import AytError, check
+from ayt.nets.edm_pickle import is_edm_pickle
 from ayt.images import save_grid
 from ayt.rng import StepRandom
 from ayt.runtime import (
@@ -88,9 +89,18 @@ def _ema_name(i: int) -> str:
 
 
 def _init_from(net: nn.Module, path: str) -> None:
-    """Copy the EMA weights of another run's checkpoint (e.g. an EDM model to tune with ECT)."""
-    source, _ = load_model(path, which="ema")
-    check_compatible(source.state_dict(), net, path)
+    """Copy the EMA weights of another run's checkpoint or of an EDM pickle (e.g. an EDM model to tune with ECT)."""
+    source, source_config = load_model(path, which="ema")
+    try:
+        check_compatible(source.state_dict(), net, path)
+    except AytError:
+        if not is_edm_pickle(path):
+            raise
+        n = source_config.network
+        flow = ", ".join(f"{k}: {list(v) if isinstance(v, (list, tuple)) else v}" for k, v in n.overrides.items())
+        overrides = f' "network.overrides={{{flow}}}"' if n.overrides else ""
+        raise AytError(f"objective.init={path} is an EDM network of another architecture than this run's; "
+                       f"set network.preset={n.preset}{overrides} to train it") from None
     net.load_state_dict(source.state_dict())
 
 

@@ -122,7 +122,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="score a checkpoint (shapes manifold metrics, FD-digits or FID)",
                               description="Sample from a checkpoint and score the samples with the dataset's metric "
                                           "(shapes: manifold_rms ...; digits: fd_digits; others: FID, KID, precision, recall).")
-    p.add_argument("checkpoint", help="checkpoint folder or run folder (its latest checkpoint)")
+    p.add_argument("checkpoint", help="checkpoint folder, run folder (its latest checkpoint) or EDM network .pkl")
     p.add_argument("--metric", choices=_FAMILIES, default="auto", help="metric family (default auto: by dataset)")
     p.add_argument("-n", "--num", type=int, default=10000, help="samples per evaluation (default 10000; the paper uses 50000)")
     p.add_argument("--steps", nargs="+", default=["1"], metavar="SCHEDULE",

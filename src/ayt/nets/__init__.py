@@ -11,6 +11,10 @@ Presets (parameter counts with `label_dim=0`, `in_channels = out_channels`):
 - `"cifar10-ddpmpp"`: EDM/ECT CIFAR-10 DDPM++: model_channels 128, channel_mult (2, 2, 2),
   4 blocks, attention at 16x16, positional embedding. 55,732,739 parameters at 32x32x3
   (EDM reports 55.73M). Dropout 0.13 for EDM; ECT/AYT configs pass `dropout=0.2`.
+  EDM's `edm-cifar10-32x32-{uncond,cond}-vp.pkl` load onto it (`ayt.nets.edm_pickle`).
+- `"cifar10-ncsnpp"`: EDM's CIFAR-10 NCSN++ ("ve"): as DDPM++ but Fourier noise embedding of
+  256 channels, (1, 3, 3, 1) resampling filter and the residual encoder. 56,395,523 parameters
+  at 32x32x3. EDM's `edm-cifar10-32x32-{uncond,cond}-ve.pkl` load onto it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ NETWORK_PRESETS: dict[str, dict[str, Any]] = {
     "cifar10-ddpmpp": dict(model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4,
                            num_blocks=4, attn_resolutions=(16,), dropout=0.13,
                            embedding_type="positional"),
+    "cifar10-ncsnpp": dict(model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4,
+                           num_blocks=4, attn_resolutions=(16,), dropout=0.13,
+                           embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
+                           resample_filter=(1, 3, 3, 1)),
 }
 
 _FIXED = ("img_resolution", "in_channels", "out_channels", "label_dim")

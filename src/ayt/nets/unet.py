@@ -43,25 +43,54 @@ def init_weights(layer: nn.Linear | nn.Conv2d, gain: float = 1.0) -> None:
         nn.init.zeros_(layer.bias)
 
 
-class Conv2d(nn.Module):
-    """Square conv with 'same' padding, optionally preceded by 2x box-filter up/downsampling.
+def fir_filter(taps: tuple[int, ...]) -> torch.Tensor:
+    """2-D resampling filter `f f^T / sum(f)^2` from 1-D taps, `[k, k]` (EDM's `resample_filter`)."""
+    f = torch.as_tensor(taps, dtype=torch.float32)
+    return torch.outer(f, f) / f.sum() ** 2
 
-    `x [B, Cin, H, W] -> [B, Cout, H', W']`, H' = 2H (up), H/2 (down) or H. The [1, 1] box
-    filter of DDPM++ upsamples as nearest neighbour and downsamples as 2x2 average pooling.
+
+class Conv2d(nn.Module):
+    """Square conv with 'same' padding, optionally preceded by 2x up/downsampling with a FIR filter.
+
+    `x [B, Cin, H, W] -> [B, Cout, H', W']`, H' = 2H (up), H/2 (down) or H. The resampling filter
+    is `f f^T / sum(f)^2` of the 1-D taps `resample_filter`: `(1, 1)` (DDPM++, a box filter:
+    nearest-neighbour upsampling, 2x2 average pooling) or `(1, 3, 3, 1)` (NCSN++), applied as a
+    stride-2 depthwise (transposed) convolution with padding `(k - 1) // 2`. `fused=True` (NCSN++'s
+    residual encoder path, downsampling only) convolves first, with padding `kernel // 2 + (k - 1) // 2`,
+    then filters with stride 2 and no padding, as EDM's `Conv2d(fused_resample=True)`.
     """
 
     def __init__(self, cin: int, cout: int, kernel: int, up: bool = False, down: bool = False,
-                 gain: float = 1.0) -> None:
+                 gain: float = 1.0, resample_filter: tuple[int, ...] = (1, 1), fused: bool = False) -> None:
         super().__init__()
-        self.up, self.down = up, down
+        check(not (up and down), "a Conv2d resamples up or down, not both")
+        check(not fused or down, "fused resampling is implemented for downsampling only")
+        self.up, self.down, self.fused = up, down, fused
+        self.box = tuple(resample_filter) == (1, 1) and not fused
         self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
         init_weights(self.conv, gain)
+        if (up or down) and not self.box:  # not saved: it is a function of the architecture
+            self.register_buffer("resample_filter", fir_filter(tuple(resample_filter)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.box:
+            if self.up:
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            if self.down:
+                x = F.avg_pool2d(x, 2)
+            return self.conv(x)
+        if not (self.up or self.down):
+            return self.conv(x)
+        f = self.resample_filter.to(x.dtype)
+        pad = (f.shape[-1] - 1) // 2
+        if self.fused:
+            x = F.conv2d(x, self.conv.weight, self.conv.bias, padding=self.conv.padding[0] + pad)
+            return F.conv2d(x, f.expand(x.shape[1], 1, *f.shape), groups=x.shape[1], stride=2)
+        channels = x.shape[1]
         if self.up:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        if self.down:
-            x = F.avg_pool2d(x, 2)
+            x = F.conv_transpose2d(x, (4 * f).expand(channels, 1, *f.shape), groups=channels, stride=2, padding=pad)
+        else:
+            x = F.conv2d(x, f.expand(channels, 1, *f.shape), groups=channels, stride=2, padding=pad)
         return self.conv(x)
 
 
@@ -98,19 +127,19 @@ class UNetBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, emb_channels: int, up: bool = False,
                  down: bool = False, attention: bool = False, dropout: float = 0.0,
-                 adaptive_scale: bool = False) -> None:
+                 adaptive_scale: bool = False, resample_filter: tuple[int, ...] = (1, 1)) -> None:
         super().__init__()
         self.in_channels, self.out_channels = cin, cout
         self.adaptive_scale = adaptive_scale
         self.norm0 = group_norm(cin)
-        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
+        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down, resample_filter=resample_filter)
         self.affine = nn.Linear(emb_channels, (2 if adaptive_scale else 1) * cout)
         init_weights(self.affine)
         self.norm1 = group_norm(cout)
         self.dropout = SeededDropout(dropout)
         self.conv1 = Conv2d(cout, cout, 3, gain=1e-5)
         needs_skip = cin != cout or up or down
-        self.skip = Conv2d(cin, cout, 1, up=up, down=down) if needs_skip else None
+        self.skip = Conv2d(cin, cout, 1, up=up, down=down, resample_filter=resample_filter) if needs_skip else None
         self.attention = SelfAttention(cout) if attention else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -161,6 +190,7 @@ class FourierEmbedding(nn.Module):
 
 
 EMBEDDINGS = {"positional": PositionalEmbedding, "fourier": FourierEmbedding}
+ENCODERS = ("standard", "residual")  # DDPM++, NCSN++
 
 
 class SongUNet(nn.Module):
@@ -175,6 +205,12 @@ class SongUNet(nn.Module):
     as an additive shift (DDPM++); `adaptive_scale=True` switches to ADM-style scale and shift.
     With the defaults at 32x32x3 this has 55,732,739 parameters (EDM reports 55.73M).
 
+    NCSN++ (EDM's "ve" architecture) differs in four options: `embedding_type="fourier"`,
+    `channel_mult_noise=2` (noise embedding of `2 * model_channels` channels),
+    `resample_filter=(1, 3, 3, 1)`, and `encoder_type="residual"`: after each downsampling block
+    the image-resolution path `aux` (starting as the input) joins, `x = aux = (x + conv(aux)) / sqrt(2)`,
+    through a 3x3 fused-downsampling conv (`enc_residual`).
+
     Class labels (`label_dim > 0`): int `[B]` in `0..label_dim-1` (-1 = no label, a zero
     vector), or float one-hot / soft `[B, label_dim]`; `None` means all-zero (dropped) labels.
     With `label_dim = 0` labels are ignored.
@@ -185,27 +221,38 @@ class SongUNet(nn.Module):
                  channel_mult: tuple[int, ...] = (2, 2, 2), channel_mult_emb: int = 4,
                  num_blocks: int = 4, attn_resolutions: tuple[int, ...] = (16,),
                  dropout: float = 0.10, label_dropout: float = 0.0,
-                 embedding_type: str = "positional", adaptive_scale: bool = False) -> None:
+                 embedding_type: str = "positional", adaptive_scale: bool = False,
+                 channel_mult_noise: int = 1, encoder_type: str = "standard",
+                 resample_filter: tuple[int, ...] = (1, 1)) -> None:
         super().__init__()
         check(embedding_type in EMBEDDINGS, f"unknown embedding_type {embedding_type!r}; "
               f"use one of {sorted(EMBEDDINGS)}")
+        check(encoder_type in ENCODERS, f"unknown encoder_type {encoder_type!r}; use one of {list(ENCODERS)}")
         check(img_resolution % 2 ** (len(channel_mult) - 1) == 0,
               f"img_resolution {img_resolution} is not divisible by 2**{len(channel_mult) - 1}; "
               "use fewer channel_mult levels or another resolution")
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
         self.label_dim = label_dim
         emb_channels = model_channels * channel_mult_emb
-        self.map_noise = EMBEDDINGS[embedding_type](model_channels)
-        self.map_label = nn.Linear(label_dim, model_channels) if label_dim else None
+        noise_channels = model_channels * channel_mult_noise
+        self.map_noise = EMBEDDINGS[embedding_type](noise_channels)
+        self.map_label = nn.Linear(label_dim, noise_channels) if label_dim else None
         self.label_dropout = SeededLabelDropout(label_dropout) if label_dim else None
-        self.map_layer0 = nn.Linear(model_channels, emb_channels)
+        self.map_layer0 = nn.Linear(noise_channels, emb_channels)
         self.map_layer1 = nn.Linear(emb_channels, emb_channels)
         for layer in (self.map_label, self.map_layer0, self.map_layer1):
             if layer is not None:
                 init_weights(layer)
-        block = dict(emb_channels=emb_channels, dropout=dropout, adaptive_scale=adaptive_scale)
+        block = dict(emb_channels=emb_channels, dropout=dropout, adaptive_scale=adaptive_scale,
+                     resample_filter=tuple(resample_filter))
         self.enc = self._build_encoder(in_channels, model_channels, channel_mult, num_blocks,
                                        attn_resolutions, block)
+        self.enc_residual = None  # NCSN++: one fused-downsampling conv per downsampling block
+        if encoder_type == "residual":
+            couts = [in_channels] + [self.enc[i].out_channels for i in self.down_indices]
+            self.enc_residual = nn.ModuleList(
+                Conv2d(cin, cout, 3, down=True, resample_filter=tuple(resample_filter), fused=True)
+                for cin, cout in zip(couts[:-1], couts[1:]))
         self.dec = self._build_decoder(model_channels, channel_mult, num_blocks,
                                        attn_resolutions, block)
         cout = model_channels * channel_mult[0]
@@ -217,9 +264,11 @@ class SongUNet(nn.Module):
         """Encoder layers in call order; each layer's output is one skip for the decoder."""
         layers: list[nn.Module] = [Conv2d(in_channels, model_channels, 3)]
         cout = model_channels
+        self.down_indices: list[int] = []  # encoder layers that downsample
         for level, mult in enumerate(channel_mult):
             res = self.img_resolution >> level
             if level > 0:
+                self.down_indices.append(len(layers))
                 layers.append(UNetBlock(cout, cout, down=True, **block))
             for _ in range(num_blocks):
                 cin, cout = cout, model_channels * mult
@@ -274,9 +323,11 @@ class SongUNet(nn.Module):
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """`x [B, Cin, H, W]`, `noise_labels` = c_noise `[B]` -> `[B, Cout, H, W]`."""
         emb = self.embed(noise_labels, class_labels).to(x.dtype)
-        skips = []
+        skips, aux = [], x
         for i, layer in enumerate(self.enc):
             x = layer(x) if i == 0 else layer(x, emb)
+            if self.enc_residual is not None and i in self.down_indices:
+                x = aux = (x + self.enc_residual[self.down_indices.index(i)](aux)) * SKIP_SCALE
             skips.append(x)
         for layer in self.dec:
             if getattr(layer, "takes_skip", False):
