@@ -272,3 +272,24 @@ def test_overrides_are_checked_against_dhariwal_unet():
                       overrides={**TINY, "channels_per_head": 64})
     with pytest.raises(AytError, match="divisible"):
         build_network("imagenet64-adm", img_resolution=12, in_channels=3)
+
+
+def test_imagenet64_ect_preset_builds_the_conditional_adm():
+    from pathlib import Path
+
+    from ayt.build import build_net
+    from ayt.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "imagenet64-ect.yaml"
+    c = load_config(path)
+    assert (c.network.preset, c.network.conditional, c.network.dropout) == ("imagenet64-adm", True, 0.1)
+    assert (c.objective.p_mean, c.objective.p_std, c.objective.q, c.objective.stage_steps) == (-0.8, 1.6, 4.0, 25000)
+    assert (c.distance.c, c.train.batch_size, c.train.steps, c.optim.lr) == (0.06, 128, 100000, 1e-4)
+    with torch.device("meta"):
+        net = build_net(c, 64, 3, num_classes=1000)
+    assert isinstance(net.net, DhariwalUNet) and net.label_dim == 1000
+    assert {m.p for m in net.modules() if type(m) is SeededDropout} == {0.1}
+    folder = load_config(path, ["data.name=folder", "data.root=imagenet/train", "data.class_folders=true"])
+    assert folder.data.class_folders
+    with pytest.raises(AytError, match="class_folders"):
+        load_config(path, ["data.class_folders=true"])  # npz brings its own labels
