@@ -293,3 +293,29 @@ def test_imagenet64_ect_preset_builds_the_conditional_adm():
     assert folder.data.class_folders
     with pytest.raises(AytError, match="class_folders"):
         load_config(path, ["data.class_folders=true"])  # npz brings its own labels
+
+
+def test_cli_conditional_ect_on_labelled_npz_then_sample(tmp_path):
+    """The ImageNet-64 preset end to end at 8x8: labels flow from the npz into ECT and sampling."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from ayt.cli import main
+    from ayt.checkpoint import load_checkpoint
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
+             labels=rng.integers(0, 4, 8))
+    config = Path(__file__).resolve().parents[1] / "configs" / "imagenet64-ect.yaml"
+    run = tmp_path / "run"
+    tiny = "{model_channels: 16, channel_mult: [1, 2], num_blocks: 1, attn_resolutions: [4], channels_per_head: 8}"
+    assert main(["train", "--config", str(config), f"data.root={tmp_path / 'd.npz'}", "data.resolution=8",
+                 "objective.init=null", f"network.overrides={tiny}", "train.steps=2", "train.batch_size=4",
+                 f"train.run_dir={run}", "train.checkpoint_every=2", "train.sample_every=0", "train.grid_size=4",
+                 "log.progress=false", "log.tensorboard=false"]) == 0
+    ckpt = load_checkpoint(run)
+    assert ckpt.state["data_info"]["num_classes"] == 4
+    assert tuple(ckpt.modules["net"]["net.map_label.weight"].shape) == (64, 4)
+    assert main(["sample", str(run), "-n", "4", "--steps", "2", "--npz", str(tmp_path / "s.npz")]) == 0
+    assert np.load(tmp_path / "s.npz")["images"].shape == (4, 8, 8, 3)

@@ -14,7 +14,8 @@ order and shapes equal EDM's `DhariwalUNet.state_dict()` minus:
   - the `resample_filter` buffers of EDM's `Conv2d` (`*.conv0.resample_filter`,
     `*.skip.resample_filter` of every `_down` / `_up` block): the constant [1, 1] box filter,
     which here is 2x2 average pooling / nearest-neighbour upsampling, not a tensor.
-ayt adds no persistent buffers (the dropout seeds are non-persistent). Keys: `map_layer0.*`,
+ayt adds no persistent buffers (the dropout seeds are non-persistent). Inside `Precond` every
+key gains the prefix `net.` (EDM's `EDMPrecond` uses `model.`). Keys: `map_layer0.*`,
 `map_layer1.*`, `map_label.weight`, `enc.{R}x{R}_conv.*`, `enc.{R}x{R}_down.*`,
 `enc.{R}x{R}_block{i}.*`, `dec.{R}x{R}_in0.*` / `_in1.*` (bottom level) or `dec.{R}x{R}_up.*`,
 `dec.{R}x{R}_block{i}.*`, `out_norm.*`, `out_conv.*`; a block holds `norm0 conv0 affine norm1
