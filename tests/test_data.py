@@ -234,6 +234,22 @@ def test_folder_bad_input(tmp_path):
         build_dataset("folder", root=str(tmp_path))
 
 
+def test_folder_class_folders_label_by_sorted_subfolder(tmp_path):
+    for name, colour in (("zebra", (0, 0, 0)), ("ant", (255, 255, 255)), ("bee", (0, 0, 0))):
+        (tmp_path / name / "deeper").mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour).save(tmp_path / name / "deeper" / "x.png")
+    dataset = build_dataset("folder", root=str(tmp_path), resolution=4, class_folders=True)
+    assert dataset.num_classes == 3
+    assert dataset.labels.tolist() == [0, 1, 2]  # ant, bee, zebra in sorted path order
+    assert torch.allclose(dataset.images[0], torch.ones(3, 4, 4))  # ant is the white one
+    subset = build_dataset("folder", root=str(tmp_path), resolution=4, class_folders=True, num_samples=2, seed=1)
+    assert subset.num_classes == 3 and len(subset.labels) == 2  # classes counted over all files
+    assert (build_dataset("folder", root=str(tmp_path), resolution=4).labels == -1).all()
+    Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")
+    with pytest.raises(AytError, match="loose.png.*class subfolder"):
+        build_dataset("folder", root=str(tmp_path), resolution=4, class_folders=True)
+
+
 # ---- npz ------------------------------------------------------------------------------------
 
 def test_npz_uint8_nhwc(tmp_path):

@@ -203,6 +203,46 @@ def test_edm_pickle_loads_every_weight_without_running_code(tmp_path, ncsn, labe
     assert net.label_dim == label_dim and net.sigma_data == 0.5 and net.boundary == "edm"
 
 
+def as_edm_records(module: nn.Module) -> nn.Module:
+    """The same tree as EDM persistent records (ModuleDicts stay ModuleDicts), parameters shared."""
+    if isinstance(module, nn.ModuleDict):
+        return nn.ModuleDict({k: as_edm_records(v) for k, v in module.items()})
+    record = Persistent(type(module).__name__)
+    for name, param in module.named_parameters(recurse=False):
+        setattr(record, name, nn.Parameter(param.detach().clone()))
+    for name, child in module.named_children():
+        setattr(record, name, as_edm_records(child))
+    return record
+
+
+def test_edm_adm_pickle_loads_every_weight(tmp_path):
+    from ayt.nets.adm import DhariwalUNet
+
+    torch.manual_seed(0)
+    kw = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, model_channels=32,
+              channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.1)
+    source = DhariwalUNet(**kw)
+    model = as_edm_records(source)
+    model._init_kwargs = {**kw, "augment_dim": 9}
+    model._edm_class = "DhariwalUNet"
+    model.map_augment = linear(9, 32 * 4, bias=False)
+    f = torch.full((1, 1, 2, 2), 0.25)
+    model.enc["8x8_down"].conv0.register_buffer("resample_filter", f)
+    ema = Persistent("EDMPrecond", img_resolution=16, img_channels=3, label_dim=10, sigma_data=0.5,
+                     model_type="DhariwalUNet", use_fp16=True)
+    ema.model = model
+    path = tmp_path / "adm.pkl"
+    path.write_bytes(pickle.dumps({"ema": ema}))
+    net, config = load_model(path)
+    assert not MARKER.exists()
+    ours = net.net.state_dict()
+    assert ours.keys() == source.state_dict().keys()
+    for key, value in source.state_dict().items():
+        assert torch.equal(ours[key], value), key
+    assert config.network.preset == "imagenet64-adm" and config.network.conditional
+    assert build_net(config, 16, 3, 10).state_dict().keys() == net.state_dict().keys()
+
+
 def test_edm_config_rebuilds_the_network(tmp_path):
     path = tmp_path / "edm.pkl"
     write_edm_pickle(path, ncsn=True, label_dim=10)
@@ -305,16 +345,20 @@ def test_real_edm_pickle_converts_and_samples():
 
 @pytest.mark.real_files
 @pytest.mark.skipif(not os.environ.get("AYT_EDM_REPO"), reason="set AYT_EDM_REPO to a clone of NVlabs/edm")
-@pytest.mark.parametrize("ncsn", [False, True], ids=["ddpmpp", "ncsnpp"])
-def test_outputs_match_edm_source(tmp_path, monkeypatch, ncsn):
+@pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp", "adm"])
+def test_outputs_match_edm_source(tmp_path, monkeypatch, arch):
     """Build a small network with EDM's own code, pickle it as EDM does, load it with ayt, compare D(x, sigma)."""
     for name in [m for m in sys.modules if m.split(".")[0] in ("torch_utils", "dnnlib", "training")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(os.environ["AYT_EDM_REPO"])
     networks = __import__("training.networks", fromlist=["EDMPrecond"])
+    ncsn = arch == "ncsnpp"
     kw = dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
               augment_dim=9, embedding_type="fourier" if ncsn else "positional", channel_mult_noise=2 if ncsn else 1,
               encoder_type="residual" if ncsn else "standard", resample_filter=[1, 3, 3, 1] if ncsn else [1, 1])
+    if arch == "adm":
+        kw = dict(model_type="DhariwalUNet", model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+                  augment_dim=9)
     torch.manual_seed(0)
     edm = networks.EDMPrecond(img_resolution=16, img_channels=3, label_dim=10, **kw)
     with torch.no_grad():

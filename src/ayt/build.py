@@ -15,7 +15,7 @@ from ayt.data import ImageDataset, build_dataset
 from ayt.errors import AytError, check
 from ayt.losses import build_distance
 from ayt.losses.aligned import Aligned
-from ayt.nets import NETWORK_PRESETS, Precond, build_network
+from ayt.nets import NETWORK_PRESETS, PRESET_ARCHITECTURES, Precond, build_network
 from ayt.nets.edm_pickle import EdmArchitecture, edm_network, is_edm_pickle
 from ayt.objectives import ContinuousObjective, ECTObjective, EDMObjective
 from ayt.schedules import ect_gap
@@ -147,17 +147,17 @@ def _edm_model(path: str | Path) -> tuple[Precond, EdmArchitecture]:
     return net, arch
 
 
-def _closest_preset(unet_kwargs: dict) -> tuple[str, dict]:
-    """The network preset nearest to `unet_kwargs` and the overrides that turn it into them."""
+def _closest_preset(model_type: str, unet_kwargs: dict) -> tuple[str, dict]:
+    """The network preset of this architecture nearest to `unet_kwargs`, and the overrides that turn it into them."""
     fixed = ("img_resolution", "in_channels", "out_channels", "label_dim", "dropout")
     wanted = {k: v for k, v in unet_kwargs.items() if k not in fixed}
+    presets = [name for name, cls in PRESET_ARCHITECTURES.items() if cls.__name__ == model_type]
 
     def overrides(preset: str) -> dict:
-        base = build_network_defaults(preset)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in wanted.items()
-                if _plain(base.get(k)) != _plain(v)}
+        base = preset_kwargs(preset)
+        return {k: _plain(v) for k, v in wanted.items() if _plain(base.get(k)) != _plain(v)}
 
-    best = min(NETWORK_PRESETS, key=lambda name: len(overrides(name)))
+    best = min(presets, key=lambda name: len(overrides(name)))
     return best, overrides(best)
 
 
@@ -165,14 +165,12 @@ def _plain(value):
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def build_network_defaults(preset: str) -> dict:
-    """The SongUNet keyword arguments of a preset, with SongUNet's own defaults filled in."""
+def preset_kwargs(preset: str) -> dict:
+    """The network keyword arguments of a preset, with its class's own defaults filled in."""
     import inspect
 
-    from ayt.nets.unet import SongUNet
-
-    defaults = {k: p.default for k, p in inspect.signature(SongUNet.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    params = inspect.signature(PRESET_ARCHITECTURES[preset].__init__).parameters.items()
+    defaults = {k: p.default for k, p in params if p.default is not inspect.Parameter.empty}
     return {**defaults, **NETWORK_PRESETS[preset]}
 
 
@@ -183,7 +181,7 @@ def edm_config(arch: EdmArchitecture) -> Config:
     folder otherwise; pass `data.*` overrides to train or evaluate on other data.
     """
     kw = arch.unet_kwargs
-    preset, overrides = _closest_preset(kw)
+    preset, overrides = _closest_preset(arch.model_type, kw)
     res, channels = kw["img_resolution"], kw["in_channels"]
     data = {"name": "cifar10", "root": "data/cifar10", "resolution": 32} if (res, channels) == (32, 3) else \
         {"name": "folder", "root": None, "resolution": res, "channels": channels}

@@ -34,20 +34,21 @@ class DataConfig:
     split: str = "train"  # train | test | all (where the dataset has splits)
     channels: int | None = None  # folder: 1 (gray) or 3 (RGB)
     download: bool = False  # cifar10: download through torchvision when missing
+    class_folders: bool = False  # folder: label each image by its top-level subfolder (ImageNet layout)
 
 
 @dataclass
 class NetworkConfig:
     """The U-Net and its preconditioning (see `ayt.nets.build_network`)."""
 
-    preset: str = "tiny"  # tiny | small | cifar10-ddpmpp | cifar10-ncsnpp
+    preset: str = "tiny"  # tiny | small | cifar10-ddpmpp | cifar10-ncsnpp (SongUNet) | imagenet64-adm (DhariwalUNet)
     dropout: float | None = None  # None keeps the preset's dropout
     boundary: str = "edm"  # edm (plain EDM scalings) | exact (f(x, sigma_min) = x)
     sigma_data: float = 0.5
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     conditional: bool = False  # condition on class labels (datasets with labels)
-    overrides: dict = field(default_factory=dict)  # any SongUNet keyword, e.g. {model_channels: 64}
+    overrides: dict = field(default_factory=dict)  # any keyword of the preset's network class, e.g. {model_channels: 64}
 
 
 @dataclass
@@ -215,6 +216,8 @@ def _rules_data(c: DataConfig) -> None:
     _positive(c.num_samples, "data.num_samples", allow_none=True)
     _one_of(c.split, ["train", "test", "all"], "data.split")
     check(c.channels in (None, 1, 3), f"data.channels={c.channels} must be 1, 3 or null")
+    check(not c.class_folders or c.name == "folder",
+          f"data.class_folders labels a folder dataset; data.name={c.name} has its own labels, so drop it")
 
 
 def _rules_network(c: NetworkConfig) -> None:

@@ -16,7 +16,8 @@ __all__ = ["DATASETS", "ImageDataset", "build_dataset"]
 
 def build_dataset(name: str, *, root: str | None = None, resolution: int | None = None,
                   num_samples: int | None = None, seed: int = 0, split: str = "train",
-                  channels: int | None = None, download: bool = False) -> ImageDataset:
+                  channels: int | None = None, download: bool = False,
+                  class_folders: bool = False) -> ImageDataset:
     """Build a dataset by name; arguments a dataset does not use are ignored.
 
     Args:
@@ -31,6 +32,7 @@ def build_dataset(name: str, *, root: str | None = None, resolution: int | None 
         split: "train", "test" or "all" (digits, cifar10); ignored by shapes, folder, npz.
         channels: folder: 3 (RGB, default) or 1 (gray); others: must match the data if given.
         download: cifar10 only: fetch the files with torchvision first.
+        class_folders: folder only: label each image by its top-level subfolder.
     """
     if name == "shapes":
         return shapes.build(resolution, num_samples, seed, channels)
@@ -39,7 +41,7 @@ def build_dataset(name: str, *, root: str | None = None, resolution: int | None 
     if name == "cifar10":
         return cifar10.build(root, resolution, num_samples, seed, split, channels, download)
     if name == "folder":
-        return folder.build(root, resolution, num_samples, seed, channels)
+        return folder.build(root, resolution, num_samples, seed, channels, class_folders)
     if name == "npz":
         return npz.build(root, resolution, num_samples, seed, channels)
     raise AytError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")

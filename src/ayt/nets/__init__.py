@@ -1,7 +1,8 @@
-"""Networks: the DDPM++ U-Net, the preconditioning wrapper and seeded dropout.
+"""Networks: the DDPM++ and ADM U-Nets, the preconditioning wrapper and seeded dropout.
 
-`build_network(preset, ...)` returns a `Precond` (method.md section 1) around a `SongUNet`.
-Presets (parameter counts with `label_dim=0`, `in_channels = out_channels`):
+`build_network(preset, ...)` returns a `Precond` (method.md section 1) around the preset's
+network: a `SongUNet` (DDPM++) or, for `imagenet64-adm`, a `DhariwalUNet` (ADM).
+Presets (parameter counts with `label_dim=0`, `in_channels = out_channels`, unless stated):
 
 - `"tiny"`: model_channels 32, channel_mult (1, 2), 2 blocks, attention at 8x8 (and, as always in
   DDPM++, in the first bottleneck block). 1,033,507 parameters at 16x16x3; 994,913 at 8x8x1.
@@ -15,6 +16,10 @@ Presets (parameter counts with `label_dim=0`, `in_channels = out_channels`):
 - `"cifar10-ncsnpp"`: EDM's CIFAR-10 NCSN++ ("ve"): as DDPM++ but Fourier noise embedding of
   256 channels, (1, 3, 3, 1) resampling filter and the residual encoder. 56,395,523 parameters
   at 32x32x3. EDM's `edm-cifar10-32x32-{uncond,cond}-ve.pkl` load onto it.
+- `"imagenet64-adm"`: EDM's ImageNet-64 ADM (`DhariwalUNet`, the architecture of
+  `edm-imagenet-64x64-cond-adm.pkl`): model_channels 192, channel_mult (1, 2, 3, 4), 3 blocks,
+  attention at 32, 16 and 8 with 64 channels per head, dropout 0.10. 295,899,267 parameters
+  at 64x64x3 with `label_dim=1000` (EDM reports 295.9M).
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ from typing import Any
 from torch import nn
 
 from ayt.errors import AytError, check
+from ayt.nets.adm import DhariwalUNet
 from ayt.nets.dropout import SeededDropout, shared_dropout
 from ayt.nets.precond import Precond
 from ayt.nets.unet import SongUNet
 
-__all__ = ["NETWORK_PRESETS", "Precond", "SeededDropout", "SongUNet", "build_network",
-           "count_parameters", "shared_dropout"]
+__all__ = ["NETWORK_PRESETS", "PRESET_ARCHITECTURES", "DhariwalUNet", "Precond", "SeededDropout",
+           "SongUNet", "build_network", "count_parameters", "shared_dropout"]
 
 NETWORK_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model_channels=32, channel_mult=(1, 2), channel_mult_emb=4, num_blocks=2,
@@ -44,18 +50,31 @@ NETWORK_PRESETS: dict[str, dict[str, Any]] = {
                            num_blocks=4, attn_resolutions=(16,), dropout=0.13,
                            embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
                            resample_filter=(1, 3, 3, 1)),
+    # EDM `train.py --arch=adm` (model_channels 192, channel_mult [1,2,3,4]) with DhariwalUNet's
+    # defaults and the README's ImageNet-64 dropout 0.10.
+    "imagenet64-adm": dict(model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4,
+                           num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.10),
+}
+
+# The network class of each preset; its constructor's keywords are the valid overrides.
+PRESET_ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "tiny": SongUNet, "small": SongUNet, "cifar10-ddpmpp": SongUNet, "cifar10-ncsnpp": SongUNet,
+    "imagenet64-adm": DhariwalUNet,
 }
 
 _FIXED = ("img_resolution", "in_channels", "out_channels", "label_dim")
 
 
 def _unet_kwargs(preset: str, overrides: dict | None) -> dict[str, Any]:
-    """Preset kwargs for `SongUNet` with `overrides` applied; unknown names raise `AytError`."""
+    """Preset kwargs for the preset's network class with `overrides` applied; unknown names
+    (checked against that class's constructor) raise `AytError`."""
     if preset not in NETWORK_PRESETS:
         raise AytError(f"unknown network preset {preset!r}; use one of {sorted(NETWORK_PRESETS)}")
-    valid = [k for k in inspect.signature(SongUNet.__init__).parameters if k not in ("self", *_FIXED)]
+    cls = PRESET_ARCHITECTURES[preset]
+    valid = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", *_FIXED)]
     unknown = sorted(set(overrides or {}) - set(valid))
-    check(not unknown, f"unknown network override(s) {unknown}; valid keys are {valid}")
+    check(not unknown, f"unknown network override(s) {unknown} for preset {preset!r} "
+          f"({cls.__name__}); valid keys are {valid}")
     return {**NETWORK_PRESETS[preset], **(overrides or {})}
 
 
@@ -63,7 +82,8 @@ def build_network(preset: str = "tiny", *, img_resolution: int, in_channels: int
                   label_dim: int = 0, dropout: float | None = None, boundary: str = "edm",
                   sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
                   overrides: dict | None = None) -> Precond:
-    """Build `Precond(SongUNet(...))` from a preset; `dropout=None` keeps the preset's rate.
+    """Build `Precond(SongUNet(...))` or `Precond(DhariwalUNet(...))` from a preset (see
+    `PRESET_ARCHITECTURES`); `dropout=None` keeps the preset's rate.
 
     The network maps `[B, in_channels, img_resolution, img_resolution]` to the same shape.
     """
@@ -74,7 +94,7 @@ def build_network(preset: str = "tiny", *, img_resolution: int, in_channels: int
     check(img_resolution > 0 and img_resolution % 2 ** levels == 0,
           f"img_resolution {img_resolution} is not divisible by 2**{levels} (preset {preset!r}); "
           "resize the images or override channel_mult with fewer levels")
-    net = SongUNet(img_resolution, in_channels, in_channels, label_dim=label_dim, **kwargs)
+    net = PRESET_ARCHITECTURES[preset](img_resolution, in_channels, in_channels, label_dim=label_dim, **kwargs)
     return Precond(net, sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max,
                    boundary=boundary)
 

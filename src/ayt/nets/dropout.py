@@ -9,7 +9,7 @@ context never touches. The hash is plain tensor arithmetic: no generator object,
 masks come out on CPU and CUDA, and `torch.compile` traces the layer without graph breaks.
 
 Assumption: each `SeededDropout` layer is called at most once per forward pass (true for
-`SongUNet`). A layer called twice in one forward reuses its mask for both calls inside a context.
+`SongUNet` and `DhariwalUNet`). A layer called twice in one forward reuses its mask for both calls inside a context.
 
 Outside any context a `SeededDropout` is exactly `nn.Dropout` (global RNG); in eval mode, or
 with `p = 0`, it is the identity.

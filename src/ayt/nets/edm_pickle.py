@@ -14,9 +14,9 @@ the *source code of its Python module* (`module_src`), the class name and the ob
   kwargs, parameters, buffers, submodules; the source is kept as text and never compiled).
   Any other global is refused with one line naming it.
 - `edm_network` turns the `ema` record into an `ayt` `Precond` (EDMPrecond -> `boundary="edm"`,
-  same scalings) around a `SongUNet` (DDPM++ "vp" and NCSN++ "ve" configurations), mapping every
-  EDM tensor onto exactly one `ayt` tensor of the same shape and refusing the file if any is
-  left over or missing. Dropped, with a note: the augmentation-label embedding `map_augment`
+  same scalings) around a `SongUNet` (DDPM++ "vp" and NCSN++ "ve" configurations) or a
+  `DhariwalUNet` (ADM, `edm-imagenet-64x64-cond-adm.pkl`), mapping every EDM tensor onto exactly
+  one `ayt` tensor of the same shape and refusing the file if any is left over or missing. Dropped, with a note: the augmentation-label embedding `map_augment`
   (EDM's models see no augmentation labels when sampling, so dropping it is exact; ECT and AYT
   drop it too) and the resampling filters stored as buffers (checked to equal the filter the
   architecture implies).
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ayt.errors import AytError, check
+from ayt.nets.adm import DhariwalUNet
 from ayt.nets.precond import Precond
 from ayt.nets.unet import SongUNet, fir_filter
 
@@ -184,8 +185,8 @@ _BLOCK_RENAMES = {  # EDM UNetBlock / layer names -> ayt's (prefix match on the 
 class EdmArchitecture:
     """What an EDM pickle's network is, in `ayt` terms."""
 
-    model_type: str  # SongUNet
-    unet_kwargs: dict[str, Any]  # SongUNet keyword arguments (img_resolution, ..., dropout)
+    model_type: str  # SongUNet | DhariwalUNet
+    unet_kwargs: dict[str, Any]  # keyword arguments of that ayt class (img_resolution, ..., dropout)
     sigma_data: float
     notes: list[str]  # what was dropped or ignored, for the log
 
@@ -210,6 +211,34 @@ def songunet_kwargs(record: PersistentRecord) -> dict[str, Any]:
         encoder_type=str(kw.get("encoder_type", "standard")),
         resample_filter=tuple(int(f) for f in kw.get("resample_filter", (1, 1))),
     )
+
+
+def dhariwal_kwargs(record: PersistentRecord) -> dict[str, Any]:
+    """`ayt.DhariwalUNet` kwargs from an EDM DhariwalUNet record's init kwargs (EDM's defaults filled in)."""
+    kw = record.init_kwargs
+    return dict(
+        img_resolution=int(kw["img_resolution"]), in_channels=int(kw["in_channels"]),
+        out_channels=int(kw["out_channels"]), label_dim=int(kw.get("label_dim", 0)),
+        model_channels=int(kw.get("model_channels", 192)),
+        channel_mult=tuple(int(m) for m in kw.get("channel_mult", (1, 2, 3, 4))),
+        channel_mult_emb=int(kw.get("channel_mult_emb", 4)), num_blocks=int(kw.get("num_blocks", 3)),
+        attn_resolutions=tuple(int(r) for r in kw.get("attn_resolutions", (32, 16, 8))),
+        dropout=float(kw.get("dropout", 0.10)), label_dropout=float(kw.get("label_dropout", 0.0)),
+    )
+
+
+def dhariwal_key_map(record: PersistentRecord, edm_keys: list[str]) -> tuple[dict[str, str], list[str]]:
+    """EDM DhariwalUNet keys -> ayt DhariwalUNet keys: the same names (adm.py guarantees it), minus
+    `map_augment` and the `resample_filter` buffers."""
+    dropped = [k for k in edm_keys if k.startswith("map_augment.") or k.endswith(".resample_filter")]
+    return {k: k for k in edm_keys if k not in dropped}, dropped
+
+
+# model type -> (ayt class, kwargs from the record, key map, resampling taps)
+_ARCHITECTURES = {
+    "SongUNet": (SongUNet, songunet_kwargs, "songunet"),
+    "DhariwalUNet": (DhariwalUNet, dhariwal_kwargs, "dhariwal"),
+}
 
 
 def _module_names(record: PersistentRecord, which: str) -> list[str]:
@@ -286,8 +315,8 @@ def edm_architecture(record: PersistentRecord, path: Path) -> tuple[EdmArchitect
     check(cls in EDM_PRECONDS, f"{path}: the 'ema' network is a {cls}, not an EDMPrecond")
     model = _children(record).get("model")
     check(isinstance(model, PersistentRecord), f"{path}: the EDMPrecond record has no 'model' network")
-    check(model.class_name == "SongUNet",
-          f"{path}: EDM network type {model.class_name} is not supported; ayt loads SongUNet (DDPM++, NCSN++)")
+    check(model.class_name in _ARCHITECTURES,
+          f"{path}: EDM network type {model.class_name} is not supported; ayt loads SongUNet (DDPM++, NCSN++) and DhariwalUNet (ADM)")
     notes = []
     if model.init_kwargs.get("augment_dim"):
         notes.append(f"dropped EDM's augmentation-label embedding map_augment (augment_dim={model.init_kwargs['augment_dim']}); "
@@ -295,7 +324,8 @@ def edm_architecture(record: PersistentRecord, path: Path) -> tuple[EdmArchitect
     if record.init_kwargs.get("use_fp16"):
         notes.append("ignored use_fp16=True: ayt runs the network in fp32 (or bf16 autocast when asked)")
     sigma_data = float(record.init_kwargs.get("sigma_data", record.state.get("sigma_data", 0.5)))
-    return EdmArchitecture(model.class_name, songunet_kwargs(model), sigma_data, notes), model
+    kwargs = _ARCHITECTURES[model.class_name][1](model)
+    return EdmArchitecture(model.class_name, kwargs, sigma_data, notes), model
 
 
 def edm_network(path: str | Path, key: str = "ema", sigma_min: float = 0.002,
@@ -308,10 +338,12 @@ def edm_network(path: str | Path, key: str = "ema", sigma_min: float = 0.002,
     path = Path(path)
     arch, model = edm_architecture(network_record(read_edm_pickle(path), path, key), path)
     tensors = flatten_tensors(model)
-    mapping, dropped = songunet_key_map(model, list(tensors))
-    _check_filters(tensors, dropped, arch.unet_kwargs["resample_filter"])
+    cls, _, kind = _ARCHITECTURES[arch.model_type]
+    key_map = songunet_key_map if kind == "songunet" else dhariwal_key_map
+    mapping, dropped = key_map(model, list(tensors))
+    _check_filters(tensors, dropped, arch.unet_kwargs.get("resample_filter", (1, 1)))
     kw = dict(arch.unet_kwargs)
-    net = SongUNet(kw.pop("img_resolution"), kw.pop("in_channels"), kw.pop("out_channels"), **kw)
+    net = cls(kw.pop("img_resolution"), kw.pop("in_channels"), kw.pop("out_channels"), **kw)
     expected = net.state_dict()
     weights = {mapping[k]: v for k, v in tensors.items() if k in mapping}
     missing = sorted(set(expected) - set(weights))
@@ -330,6 +362,6 @@ def edm_network(path: str | Path, key: str = "ema", sigma_min: float = 0.002,
 def describe(arch: EdmArchitecture) -> str:
     """One line naming the architecture, for logs."""
     kw = arch.unet_kwargs
-    family = "NCSN++" if kw["encoder_type"] == "residual" else "DDPM++"
+    family = "ADM" if arch.model_type == "DhariwalUNet" else "NCSN++" if kw["encoder_type"] == "residual" else "DDPM++"
     cond = f", {kw['label_dim']} classes" if kw["label_dim"] else ", unconditional"
-    return f"EDM {family} SongUNet {kw['img_resolution']}x{kw['img_resolution']}x{kw['in_channels']}{cond}"
+    return f"EDM {family} {arch.model_type} {kw['img_resolution']}x{kw['img_resolution']}x{kw['in_channels']}{cond}"

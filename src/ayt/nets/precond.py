@@ -18,18 +18,20 @@ import torch
 from torch import nn
 
 from ayt.errors import check
-from ayt.nets.unet import SongUNet
 
 BOUNDARIES = ("edm", "exact")
 
 
 class Precond(nn.Module):
-    """Wrap a `SongUNet` `F` into `f(x [B, C, H, W], t [B], labels) -> [B, C, H, W]`.
+    """Wrap a raw network `F` into `f(x [B, C, H, W], t [B], labels) -> [B, C, H, W]`.
+
+    `F` is any module with attributes `img_resolution`, `in_channels`, `label_dim` and a forward
+    `F(x_in [B, C, H, W], c_noise [B], labels) -> [B, C, H, W]` (`SongUNet`, `DhariwalUNet`).
 
     Scalings are computed in float32 (float64 for float64 inputs); the result is returned in `x`'s dtype.
     """
 
-    def __init__(self, net: SongUNet, sigma_data: float = 0.5, sigma_min: float = 0.002,
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002,
                  sigma_max: float = 80.0, boundary: str = "edm") -> None:
         super().__init__()
         check(boundary in BOUNDARIES, f"unknown boundary {boundary!r}; use one of {list(BOUNDARIES)}")

@@ -157,21 +157,49 @@ class UNetBlock(nn.Module):
         return x
 
 
-class PositionalEmbedding(nn.Module):
-    """Transformer sinusoidal embedding of `c_noise`: `[B] -> [B, channels]` (sin, cos halves).
+def class_label_vectors(class_labels: torch.Tensor | None, label_dim: int,
+                        like: torch.Tensor) -> torch.Tensor:
+    """Class labels as float `[B, label_dim]` with `like`'s dtype and device (`B = like.shape[0]`).
 
-    Frequencies `(1/10000)^(j/(channels/2 - 1))`, j = 0..channels/2-1 (DDPM++, endpoint included).
+    `class_labels`: int `[B]` in `0..label_dim-1` (-1 = no label: a zero row), float one-hot or
+    soft `[B, label_dim]` (used as is), or None (all rows zero). Bad shapes or values raise `AytError`.
+    """
+    b = like.shape[0]
+    if class_labels is None:
+        return like.new_zeros(b, label_dim)
+    if class_labels.dtype.is_floating_point:
+        shape = tuple(class_labels.shape)
+        check(shape == (b, label_dim), f"float class labels have shape {shape}; expected ({b}, {label_dim})")
+        return class_labels.to(like)
+    check(class_labels.shape == (b,),
+          f"int class labels have shape {tuple(class_labels.shape)}; expected ({b},)")
+    check(bool(((class_labels >= -1) & (class_labels < label_dim)).all()),
+          f"class labels must lie in -1..{label_dim - 1}; check the dataset's label_dim")
+    onehot = F.one_hot(class_labels.clamp(min=0).long(), label_dim).to(like)
+    return onehot * (class_labels >= 0)[:, None].to(like)
+
+
+class PositionalEmbedding(nn.Module):
+    """Transformer sinusoidal embedding of `c_noise`: `[B] -> [B, channels]` (two halves).
+
+    Frequencies `(1/max_positions)^(j/n)`, j = 0..channels/2-1, with `n = channels/2 - 1` when
+    `endpoint` (DDPM++: the last frequency is exactly 1/max_positions) or `n = channels/2` (ADM).
+    Halves `[sin, cos]` (DDPM++, which EDM's SongUNet gets by flipping its `[cos, sin]`), or
+    `[cos, sin]` with `cos_first` (EDM's DhariwalUNet, no flip).
     """
 
-    def __init__(self, channels: int, max_positions: int = 10000) -> None:
+    def __init__(self, channels: int, max_positions: int = 10000, endpoint: bool = True,
+                 cos_first: bool = False) -> None:
         super().__init__()
         half = channels // 2
-        exponents = torch.arange(half, dtype=torch.float32) / max(half - 1, 1)
+        exponents = torch.arange(half, dtype=torch.float32) / (max(half - 1, 1) if endpoint else half)
         self.register_buffer("freqs", (1.0 / max_positions) ** exponents, persistent=False)
+        self.cos_first = cos_first
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         angles = c_noise.to(torch.promote_types(self.freqs.dtype, torch.float32))[:, None] * self.freqs[None, :]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
+        halves = [angles.cos(), angles.sin()] if self.cos_first else [angles.sin(), angles.cos()]
+        return torch.cat(halves, dim=1)
 
 
 class FourierEmbedding(nn.Module):
@@ -211,9 +239,8 @@ class SongUNet(nn.Module):
     the image-resolution path `aux` (starting as the input) joins, `x = aux = (x + conv(aux)) / sqrt(2)`,
     through a 3x3 fused-downsampling conv (`enc_residual`).
 
-    Class labels (`label_dim > 0`): int `[B]` in `0..label_dim-1` (-1 = no label, a zero
-    vector), or float one-hot / soft `[B, label_dim]`; `None` means all-zero (dropped) labels.
-    With `label_dim = 0` labels are ignored.
+    Class labels (`label_dim > 0`): see `class_label_vectors`; `None` means all-zero (dropped)
+    labels. With `label_dim = 0` labels are ignored.
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int,
@@ -298,26 +325,9 @@ class SongUNet(nn.Module):
         """Noise (and label) embedding: `c_noise [B]` -> `emb [B, model_channels * channel_mult_emb]`."""
         emb = self.map_noise(c_noise).to(self.map_layer0.weight.dtype)
         if self.map_label is not None:
-            labels = self.label_dropout(self._label_vectors(class_labels, emb))
+            labels = self.label_dropout(class_label_vectors(class_labels, self.label_dim, emb))
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
-
-    def _label_vectors(self, class_labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-        """Class labels as float `[B, label_dim]` on `like`'s device (see class docstring)."""
-        b = like.shape[0]
-        if class_labels is None:
-            return like.new_zeros(b, self.label_dim)
-        if class_labels.dtype.is_floating_point:
-            shape = tuple(class_labels.shape)
-            check(shape == (b, self.label_dim),
-                  f"float class labels have shape {shape}; expected ({b}, {self.label_dim})")
-            return class_labels.to(like)
-        check(class_labels.shape == (b,),
-              f"int class labels have shape {tuple(class_labels.shape)}; expected ({b},)")
-        check(bool(((class_labels >= -1) & (class_labels < self.label_dim)).all()),
-              f"class labels must lie in -1..{self.label_dim - 1}; check the dataset's label_dim")
-        onehot = F.one_hot(class_labels.clamp(min=0).long(), self.label_dim).to(like)
-        return onehot * (class_labels >= 0)[:, None].to(like)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
