@@ -142,7 +142,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def read_edm_pickle(path: str | Path) -> Any:
     """Unpickle an EDM file with the allow-list above: plain data and `PersistentRecord`s, no code run."""
     path = Path(path)
-    check(path.is_file(), f"{path}: no such file; pass an EDM network pickle such as edm-cifar10-32x32-uncond-vp.pkl")
+    check(path.is_file(), f"{path}: no such file; download EDM's models into that folder "
+          "(README: 'Start from the published files') or pass your own run folder")
     try:
         with path.open("rb") as f:
             return _RestrictedUnpickler(f).load()
