@@ -447,7 +447,11 @@ def load_weights_file(path: str | os.PathLike, what: str) -> dict[str, torch.Ten
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise AytError(f"cannot read {what} {path} ({type(err).__name__}: {err})") from None
+        if type(err).__name__ == "UnpicklingError":  # torch's message advises weights_only=False: never pass it on
+            raise AytError(f"cannot read {what} {path}: it holds Python objects besides tensors (a pickled "
+                           "model?); save model.state_dict() instead") from None
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise AytError(f"cannot read {what} {path} ({type(err).__name__}: {first_line})") from None
     if not isinstance(state, dict):
         raise AytError(f"{what} {path} is not a state_dict")
     return state

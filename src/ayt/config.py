@@ -83,7 +83,7 @@ class DistanceConfig:
     pixel: str = "pseudo_huber"  # the pixel distance of mode pixel+aligned
     weight: float = 1.0  # lambda of mode pixel+aligned
     ramp_steps: int = 0  # lambda ramp of mode pixel+aligned (0 = no ramp)
-    features: str | None = None  # mfd: feature-network checkpoint (file or run folder)
+    features: str | None = None  # mfd: run folder of train-features, or the AYT reference .pt (+ features.arch)
     form: str = "reference"  # mfd: reference (sum of spatial L2 norms) | squared (paper)
     layers: list[int] | None = None  # mfd: feature stages used (None = all, head included)
     lpips_net: str = "vgg"  # lpips: vgg | alex
