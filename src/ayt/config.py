@@ -148,7 +148,7 @@ class EvalConfig:
     sigmas: str = "1"  # sampling schedule evaluated
     denoise_sigmas: list[float] = field(default_factory=list)  # also score one-step denoising at these t
     inception_weights: str | None = None  # fid: local Inception weights file (offline use)
-    ref_stats: str | None = None  # fid: reference statistics (.npz from 'ayt fid-stats')
+    ref_stats: str | None = None  # fid: reference statistics (.npz: 'ayt fid-stats', or mu/sigma from pytorch-fid / EDM)
 
 
 @dataclass
