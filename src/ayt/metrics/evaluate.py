@@ -170,10 +170,10 @@ def load_ref_stats(path: str | Path, dim: int = FEATURE_DIM) -> FeatureStats:
           f"features are {dim}-d; use statistics of the {dim}-d pool features (pytorch-fid: --dims 2048)")
     if not stats.kind and str(path) not in _WARNED_UNKNOWN:
         _WARNED_UNKNOWN.add(str(path))
-        warnings.warn(f"reference statistics {path} carry no provenance (external mu/sigma file): FID against them "
-                      f"is only comparable if they were made by the same Inception network ({NETWORK}) with the "
-                      f"same image pipeline ({PIPELINE}); see README 'FID protocol', or make them with 'ayt fid-stats'",
-                      stacklevel=2)
+        warnings.warn(f"reference statistics {path} carry no provenance (external mu/sigma file): the FID is "
+                      "comparable only if they came from the same Inception network and image pipeline as the "
+                      "samples (torch-fidelity inception-v3-compat on uint8 images); see README 'FID protocol', "
+                      "or make them with 'ayt fid-stats'", stacklevel=2)
     return stats
 
 
