@@ -180,7 +180,7 @@ def load_ref_stats(path: str | Path, dim: int = FEATURE_DIM) -> FeatureStats:
 def fid_protocol(ref_stats: str | Path | None) -> dict[str, str | None]:
     """Which network and image pipeline made each side of an FID; recorded with every FID result."""
     if ref_stats is None:
-        reference = f"{FEATURE_KIND}; {PIPELINE} (computed from the training images in this run)"
+        reference = f"{FEATURE_KIND}; {PIPELINE} (computed here from the training images)"
     else:
         reference = read_provenance(ref_stats)
     return {"inception": NETWORK, "sample_features": f"{FEATURE_KIND}; {PIPELINE}",
