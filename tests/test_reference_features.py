@@ -217,3 +217,12 @@ def test_unknown_layouts_pickles_and_mismatched_images_are_refused(vgg_file, tmp
         load_feature_net(path, resolution=16)
     with pytest.raises(AytError, match="takes 3-channel images .* have 1"):
         load_feature_net(path, channels=1)
+
+
+def test_tangents_take_the_reference_file_whatever_the_runs_features_arch(vgg_file, tmp_path):
+    from test_tangents import cli, save_model
+
+    _, path = vgg_file
+    ect = save_model(tmp_path / "ect", 1)  # an 8x8 shapes run with the default features.arch (tiny_vgg)
+    with pytest.raises(AytError, match="works at resolution 32 but the images here are 8x8"):
+        cli(str(ect), "--distances", "mfd:aligned", "--features", str(path))
