@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import urllib.error
-from unittest import mock
 
 import pytest
 import torch
@@ -12,23 +11,6 @@ from ayt.errors import AytError
 from ayt.metrics import inception
 from ayt.metrics.inception import InceptionFeatures, to_uint8_rgb
 
-
-
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    """A randomly initialised network saved the way torch-fidelity's weights are: torch.save(state_dict)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    with mock.patch.object(fe, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    state = net.state_dict()
-    for key, value in state.items():  # keep activations O(1) through 90+ random layers (no denormals)
-        if key.endswith("running_var"):
-            value.fill_(0.15)
-    path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
-    torch.save(state, path)
-    return path
 
 
 def test_features_are_2048_d_for_small_images(weights_file):

@@ -88,7 +88,8 @@ def distance_options(config: Config, name: str, resolution: int | None = None, c
     if name == "pseudo_huber":
         return {"c": d.c}
     if name == "mfd":
-        return {"features": d.features, "form": d.form, "layers": d.layers, "resolution": resolution, "channels": channels}
+        return {"features": d.features, "form": d.form, "layers": d.layers, "resolution": resolution, "channels": channels,
+                "arch": config.features.arch}
     if name == "lpips":
         return {"net": d.lpips_net, "upsample": d.lpips_upsample, "weights": d.lpips_weights}
     return {}

@@ -447,7 +447,14 @@ def load_weights_file(path: str | os.PathLike, what: str) -> dict[str, torch.Ten
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise AytError(f"cannot read {what} {path} ({type(err).__name__}: {err})") from None
+        text = str(err).strip()
+        if "Unsupported global" in text:
+            raise AytError(f"cannot read {what} {path}: it holds Python objects besides tensors (a pickled "
+                           "model?); save model.state_dict() instead") from None
+        # torch's UnpicklingError text advises weights_only=False: never pass it on
+        first_line = text.splitlines()[0] if text else ""
+        detail = "" if type(err).__name__ == "UnpicklingError" else f" ({type(err).__name__}: {first_line})"
+        raise AytError(f"cannot read {what} {path}: it is not a torch.save file, or it is damaged{detail}") from None
     if not isinstance(state, dict):
         raise AytError(f"{what} {path} is not a state_dict")
     return state

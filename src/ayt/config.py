@@ -84,7 +84,7 @@ class DistanceConfig:
     pixel: str = "pseudo_huber"  # the pixel distance of mode pixel+aligned
     weight: float = 1.0  # lambda of mode pixel+aligned
     ramp_steps: int = 0  # lambda ramp of mode pixel+aligned (0 = no ramp)
-    features: str | None = None  # mfd: feature-network checkpoint (file or run folder)
+    features: str | None = None  # mfd: run folder of train-features, or the AYT reference .pt (+ features.arch)
     form: str = "reference"  # mfd: reference (sum of spatial L2 norms) | squared (paper)
     layers: list[int] | None = None  # mfd: feature stages used (None = all, head included)
     lpips_net: str = "vgg"  # lpips: vgg | alex
@@ -149,7 +149,7 @@ class EvalConfig:
     sigmas: str = "1"  # sampling schedule evaluated
     denoise_sigmas: list[float] = field(default_factory=list)  # also score one-step denoising at these t
     inception_weights: str | None = None  # fid: local Inception weights file (offline use)
-    ref_stats: str | None = None  # fid: reference statistics (.npz from 'ayt fid-stats')
+    ref_stats: str | None = None  # fid: reference statistics (.npz: 'ayt fid-stats', or mu/sigma from pytorch-fid / EDM)
 
 
 @dataclass

@@ -164,6 +164,7 @@ def build_modules(names: list[str], model: Model, args: argparse.Namespace, devi
     for name in names:
         base = base_distance(name)
         options = distance_options(config, base, res, ch) if base else {}
+        options.pop("arch", None)  # --features names its own network: the run's features.arch does not describe it
         if is_continuous(name):
             modules[name] = None if base is None else build_tangent_distance(base, **options).to(device)
         else:

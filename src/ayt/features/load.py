@@ -1,4 +1,5 @@
-"""Rebuild a frozen feature network `phi` from a checkpoint written by `ayt train-features`.
+"""Rebuild a frozen feature network `phi` from a checkpoint written by `ayt train-features`
+(or, for a single file, from the AYT reference's classifier state_dict: `ayt.features.reference`).
 
 The checkpoint (see `ayt.features.train`) holds the weights as module "features" and, in its
 JSON state, what is needed to rebuild the network: `kind: "features"`, `arch`, `in_channels`,
@@ -14,6 +15,7 @@ from typing import Any
 from ayt.checkpoint import check_compatible, load_checkpoint
 from ayt.errors import AytError, check
 from ayt.features.nets import FeatureNet, build_feature_net, freeze
+from ayt.features.reference import is_reference_file, load_reference_net
 
 FEATURES_KIND = "features"
 FEATURES_MODULE = "features"
@@ -38,14 +40,19 @@ def check_feature_state(state: dict[str, Any], path: str, resolution: int | None
 
 
 def load_feature_net(
-    path: str | os.PathLike, *, resolution: int | None = None, channels: int | None = None
+    path: str | os.PathLike, *, resolution: int | None = None, channels: int | None = None, arch: str | None = None
 ) -> FeatureNet:
     """Load the feature network of a checkpoint (folder or run folder), frozen, on the CPU.
 
     `resolution` and `channels` describe the images it will be used on; a mismatch with the
     training images of the checkpoint raises AytError (before any CM training starts), as does a
     checkpoint that is not a feature network. Move it with `.to(device)`.
+    A single file is read as the AYT reference's classifier (`cifar10_clf.pt`); `arch`
+    (`features.arch`) must then name its layout (vgg16_bn or resnet18). A run folder records its own
+    architecture and ignores `arch`.
     """
+    if is_reference_file(path):
+        return load_reference_net(path, arch=arch, resolution=resolution, channels=channels)
     ckpt = load_checkpoint(path, map_location="cpu")
     state = ckpt.state
     check_feature_state(state, str(ckpt.path), resolution, channels)

@@ -61,12 +61,14 @@ class MFD(nn.Module):
 
     Args:
         net: a feature network (`FeatureNet`); or give `features`, a checkpoint path
-            (file or run folder of `ayt train-features`), loaded with `load_feature_net`.
+            (run folder of `ayt train-features`, or the AYT reference's classifier file
+            `cifar10_clf.pt`), loaded with `load_feature_net`.
         form: "reference" (sum of per-channel pseudo-Huber spatial L2 norms) or "squared".
         layers: indices into `net.features(x)` (negative allowed; None = all, head included).
         weights: one weight per selected layer (default 1 each).
         eps: the pseudo-Huber constant of the reference form.
         resolution, channels: the images it will see; checked against a loaded checkpoint.
+        arch: `features.arch`; must name the layout of a reference classifier file (else unused).
     """
 
     def __init__(
@@ -79,11 +81,12 @@ class MFD(nn.Module):
         eps: float = 1e-5,
         resolution: int | None = None,
         channels: int | None = None,
+        arch: str | None = None,
     ) -> None:
         super().__init__()
         check(form in FORMS, f"unknown mfd form {form!r}; use one of {', '.join(FORMS)}")
         check(eps >= 0, f"mfd eps must be >= 0, got {eps}")
-        self.net = freeze(_resolve_net(net, features, resolution, channels))
+        self.net = freeze(_resolve_net(net, features, resolution, channels, arch))
         self.form, self.eps = form, float(eps)
         self.layers = _select_layers(layers, _feature_count(self.net))
         weights = [1.0] * len(self.layers) if weights is None else [float(w) for w in weights]
@@ -120,7 +123,8 @@ class MFD(nn.Module):
 
 
 def _resolve_net(
-    net: nn.Module | None, features: str | os.PathLike | None, resolution: int | None, channels: int | None
+    net: nn.Module | None, features: str | os.PathLike | None, resolution: int | None, channels: int | None,
+    arch: str | None = None,
 ) -> nn.Module:
     """The given network, or the one loaded from the `features` checkpoint; AytError without either."""
     if net is not None:
@@ -131,4 +135,4 @@ def _resolve_net(
                        "train one with 'ayt train-features'")
     from ayt.features.load import load_feature_net
 
-    return load_feature_net(features, resolution=resolution, channels=channels)
+    return load_feature_net(features, resolution=resolution, channels=channels, arch=arch)

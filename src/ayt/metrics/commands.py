@@ -63,7 +63,7 @@ def _cell(summary: dict) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     """`ayt eval`: score a checkpoint under each schedule; print a table, optionally write JSON."""
     from ayt.build import load_model
-    from ayt.metrics.evaluate import evaluate_runs, resolve_metric
+    from ayt.metrics.evaluate import evaluate_runs, fid_protocol, resolve_metric
 
     check(args.num >= 2, f"--num {args.num}: evaluate at least 2 samples")
     check(args.runs >= 1, f"--runs {args.runs}: must be >= 1")
@@ -80,10 +80,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             device=args.device, inception_weights=args.inception_weights, ref_stats=args.ref_stats,
             denoise_sigmas=denoise_sigmas if i == 0 else (), batch=args.batch, heun_steps=args.heun_steps)
     print(markdown_table(results))
+    metric = resolve_metric(args.metric, config.data.name)
+    protocol = fid_protocol(args.ref_stats) if metric == "fid" else None
+    if protocol:
+        print(f"FID samples: {protocol['sample_features']}\nFID reference: {protocol['ref_provenance']}")
     if args.out:
-        record = {"checkpoint": str(args.checkpoint), "weights": args.weights,
-                  "metric": resolve_metric(args.metric, config.data.name), "num_samples": args.num,
-                  "runs": args.runs, "seed": args.seed, "denoise_sigmas": denoise_sigmas, "results": results}
+        record = {"checkpoint": str(args.checkpoint), "weights": args.weights, "metric": metric,
+                  "num_samples": args.num, "runs": args.runs, "seed": args.seed, "denoise_sigmas": denoise_sigmas,
+                  "results": results}
+        if protocol:
+            record["fid_protocol"] = protocol
         print(f"wrote {_write_json(record, Path(args.out))}")
     return 0
 
@@ -92,14 +98,15 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
     """`ayt fid-stats`: Inception statistics (+ up to --keep-features rows) of a dataset."""
     from ayt.data import build_dataset
     from ayt.metrics.evaluate import reference_stats
-    from ayt.metrics.inception import FEATURE_KIND, InceptionFeatures
+    from ayt.metrics.inception import FEATURE_KIND, PIPELINE, InceptionFeatures
 
     check(str(args.out).endswith(".npz"), f"--out {args.out}: the statistics file must end in .npz")
     check(args.keep_features >= 0, f"--keep-features {args.keep_features}: must be >= 0")
     dataset = build_dataset(args.data, root=args.root, resolution=args.resolution, num_samples=args.num_samples,
                             seed=args.seed, split=args.split)
     inception = InceptionFeatures(args.inception_weights, args.device, batch=args.batch)
-    stats = reference_stats(inception, dataset.images, FEATURE_KIND, args.batch, args.seed, args.keep_features)
+    stats = reference_stats(inception, dataset.images, FEATURE_KIND, args.batch, args.seed, args.keep_features,
+                            PIPELINE)
     path = stats.save(args.out)
     kept = 0 if stats.features is None else len(stats.features)
     print(f"wrote {path} ({stats.n} images of {args.data}, {stats.dim}-d features, {kept} feature rows kept)")
@@ -131,7 +138,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=1, help="independent evaluations with seeds SEED.. (default 1)")
     p.add_argument("--denoise", metavar="LEVELS", help="also score one-step denoising of training images, e.g. 0.2,0.4,0.8")
     p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity Inception weights file (offline use)")
-    p.add_argument("--ref-stats", metavar="PATH", help="reference statistics from 'ayt fid-stats' (default: computed from the training data)")
+    p.add_argument("--ref-stats", metavar="PATH", help="reference statistics: 'ayt fid-stats' output, or an .npz with mu and "
+                   "sigma (pytorch-fid, EDM fid-refs; provenance unknown, warned) (default: computed from the training data)")
     p.add_argument("--weights", default="ema", help="which weights: ema (default), net, or a name such as ema1")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the first run (default 0)")
     p.add_argument("--batch", type=int, default=256, help="images per network call (default 256)")

@@ -22,6 +22,7 @@ scored like samples; the family's first key gets the suffix `_denoise_<sigma>`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +34,14 @@ from ayt.config import Config
 from ayt.data import ImageDataset
 from ayt.errors import AytError, check
 from ayt.metrics.classifier import DigitsFeatures, stats_distance
-from ayt.metrics.frechet import FeatureStats, feature_stats, kid, precision_recall
-from ayt.metrics.inception import FEATURE_KIND, InceptionFeatures
+from ayt.metrics.frechet import FeatureStats, feature_stats, kid, precision_recall, read_provenance
+from ayt.metrics.inception import FEATURE_DIM, FEATURE_KIND, NETWORK, PIPELINE, InceptionFeatures
 from ayt.metrics.manifold import manifold_metrics
 from ayt.sampling import consistency_sample, edm_heun_sample, parse_sigmas
 
 METRICS = ("auto", "manifold", "fd_digits", "fid", "none")
 REFERENCE_FEATURES = 10000  # reference features kept for KID and precision / recall
+_WARNED_UNKNOWN: set[str] = set()  # reference statistics files already warned about
 Evaluator = Callable[[nn.Module, int], dict[str, float]]
 
 
@@ -148,10 +150,41 @@ Scorer = Callable[[Iterable[torch.Tensor]], dict[str, float]]
 
 
 def reference_stats(features: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, kind: str,
-                    batch: int = 256, seed: int = 0, keep: int = REFERENCE_FEATURES) -> FeatureStats:
+                    batch: int = 256, seed: int = 0, keep: int = REFERENCE_FEATURES, pipeline: str = "") -> FeatureStats:
     """Statistics of `features` over `images` `[N, C, H, W]`, keeping `keep` random feature rows."""
     feats = torch.cat([features(x) for x in images.split(batch)])
-    return feature_stats(feats, kind, keep=keep, generator=torch.Generator().manual_seed(seed))
+    stats = feature_stats(feats, kind, keep=keep, generator=torch.Generator().manual_seed(seed))
+    stats.pipeline = pipeline
+    return stats
+
+
+def load_ref_stats(path: str | Path, dim: int = FEATURE_DIM) -> FeatureStats:
+    """FID reference statistics of `dim`-d Inception features, made the way samples are (see README, FID protocol).
+
+    An `ayt fid-stats` file records its network and image pipeline, and another one is refused.
+    Files from the field (pytorch-fid, EDM `fid-refs`, the AYT reference's `FID_stats`) hold only
+    `mu` and `sigma`: nothing says how they were made, which is warned about once per file.
+    """
+    stats = FeatureStats.load(path, kind=FEATURE_KIND, pipeline=PIPELINE)
+    check(stats.dim == dim, f"reference statistics {path} hold {stats.dim}-d features but the Inception pool "
+          f"features are {dim}-d; use statistics of the {dim}-d pool features (pytorch-fid: --dims 2048)")
+    if not stats.kind and str(path) not in _WARNED_UNKNOWN:
+        _WARNED_UNKNOWN.add(str(path))
+        warnings.warn(f"reference statistics {path} carry no provenance (external mu/sigma file): the FID is "
+                      "comparable only if they came from the same Inception network and image pipeline as the "
+                      "samples (torch-fidelity inception-v3-compat on uint8 images); see README 'FID protocol', "
+                      "or make them with 'ayt fid-stats'", stacklevel=2)
+    return stats
+
+
+def fid_protocol(ref_stats: str | Path | None) -> dict[str, str | None]:
+    """Which network and image pipeline made each side of an FID; recorded with every FID result."""
+    if ref_stats is None:
+        reference = f"{FEATURE_KIND}; {PIPELINE} (computed here from the training images)"
+    else:
+        reference = read_provenance(ref_stats)
+    return {"inception": NETWORK, "sample_features": f"{FEATURE_KIND}; {PIPELINE}",
+            "ref_stats": None if ref_stats is None else str(ref_stats), "ref_provenance": reference}
 
 
 def build_scorer(config: Config, metric: str = "auto", *, image_shape: tuple[int, int],
@@ -177,10 +210,10 @@ def build_scorer(config: Config, metric: str = "auto", *, image_shape: tuple[int
         return FeatureScorer(digits, feature_stats(digits.reference("train"), digits.kind, keep=1500), names, seed)
     inception = InceptionFeatures(inception_weights, device)
     if ref_stats is not None:
-        stats = FeatureStats.load(ref_stats, kind=FEATURE_KIND)
+        stats = load_ref_stats(ref_stats, inception.dim)
     else:
         data = dataset if dataset is not None else _dataset(config, "FID needs reference statistics: pass --ref-stats STATS.npz (see 'ayt fid-stats')")
-        stats = reference_stats(inception, data.images, FEATURE_KIND, seed=seed)
+        stats = reference_stats(inception, data.images, FEATURE_KIND, seed=seed, pipeline=PIPELINE)
     names = {"fd": "fid", "kid": "kid", "kid_std": "kid_std", "precision": "precision", "recall": "recall"}
     return FeatureScorer(inception, stats, names, seed)
 

@@ -107,6 +107,7 @@ class FeatureStats:
         n: number of feature vectors (0 when unknown, e.g. a pytorch-fid file).
         kind: which features ("inception-v3-compat/2048", "digits-8/64", ...; "" unknown).
         features: float32 `[M, D]` kept for KID and precision / recall, or None.
+        pipeline: how images became network inputs (`ayt.metrics.inception.PIPELINE`; "" unknown).
     """
 
     mu: np.ndarray
@@ -114,6 +115,7 @@ class FeatureStats:
     n: int
     kind: str = ""
     features: np.ndarray | None = None
+    pipeline: str = ""
 
     def __post_init__(self) -> None:
         self.mu, self.sigma = _as_float64(self.mu), _as_float64(self.sigma)
@@ -130,12 +132,18 @@ class FeatureStats:
     def dim(self) -> int:
         return int(self.mu.shape[0])
 
+    @property
+    def provenance(self) -> str:
+        """Which network and image pipeline made these statistics, in words (for FID records)."""
+        return provenance(self.kind, self.pipeline)
+
     def save(self, path: str | Path) -> Path:
-        """Write an .npz with keys mu, sigma, n, kind (and features); atomic (temp file + rename)."""
+        """Write an .npz with keys mu, sigma, n, kind, pipeline (and features); atomic (temp file + rename)."""
         path = Path(path)
         check(path.suffix == ".npz", f"statistics file {path} must end in .npz; rename it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"mu": self.mu, "sigma": self.sigma, "n": np.int64(self.n), "kind": np.str_(self.kind)}
+        arrays = {"mu": self.mu, "sigma": self.sigma, "n": np.int64(self.n), "kind": np.str_(self.kind),
+                  "pipeline": np.str_(self.pipeline)}
         if self.features is not None:
             arrays["features"] = self.features
         tmp = path.with_name(f".tmp-{path.name}")
@@ -145,10 +153,11 @@ class FeatureStats:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, kind: str | None = None) -> FeatureStats:
-        """Read statistics written by `save` (or a pytorch-fid / torch-fidelity file with mu and sigma).
+    def load(cls, path: str | Path, kind: str | None = None, pipeline: str | None = None) -> FeatureStats:
+        """Read statistics written by `save`, or a file from the field with `mu` and `sigma` only
+        (pytorch-fid `--save-stats`, EDM `fid.py ref`, TTUR): those carry no provenance.
 
-        `kind`: raise unless the file's kind is this one (files without a kind are accepted).
+        `kind`, `pipeline`: raise unless the file's are these (files without them are accepted).
         """
         path = Path(path)
         check(path.is_file(), f"statistics file {path} does not exist; compute it with 'ayt fid-stats --out {path}'")
@@ -160,13 +169,32 @@ class FeatureStats:
         check("mu" in values and "sigma" in values,
               f"statistics file {path} has no 'mu' and 'sigma' arrays (has {sorted(values)}); recompute it with 'ayt fid-stats'")
         stats = cls(values["mu"], values["sigma"], int(values.get("n", 0)), str(values.get("kind", "")),
-                    values.get("features"))
+                    values.get("features"), str(values.get("pipeline", "")))
         check(bool(np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()),
               f"statistics file {path} holds NaN or inf; recompute it with 'ayt fid-stats'")
         check(kind is None or stats.kind in ("", kind),
               f"statistics file {path} holds '{stats.kind}' features but '{kind}' are needed; "
               "compute matching statistics with 'ayt fid-stats'")
+        check(pipeline is None or stats.pipeline in ("", pipeline),
+              f"statistics file {path} was made with the image pipeline '{stats.pipeline}' but samples go through "
+              f"'{pipeline}'; compute matching statistics with 'ayt fid-stats'")
         return stats
+
+
+def read_provenance(path: str | Path) -> str:
+    """`provenance` of a statistics file, reading only its small `kind` and `pipeline` entries."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return provenance(*(str(data[k]) if k in data.files else "" for k in ("kind", "pipeline")))
+    except (OSError, ValueError) as err:
+        raise AytError(f"cannot read statistics file {path} ({err}); recompute it with 'ayt fid-stats'") from None
+
+
+def provenance(kind: str, pipeline: str) -> str:
+    """`kind; pipeline` in words; says so when a file from the field recorded neither."""
+    if not kind and not pipeline:
+        return "unknown (external mu/sigma file)"
+    return f"{kind or 'features unknown'}; {pipeline or 'image pipeline not recorded'}"
 
 
 def feature_stats(features: torch.Tensor | np.ndarray, kind: str = "", keep: int = 0,

@@ -3,7 +3,7 @@
 The network is torch-fidelity's `FeatureExtractorInceptionV3` ("inception-v3-compat"): the
 TensorFlow FID Inception graph ported to PyTorch, which takes uint8 RGB images of any size
 and resizes them to 299 x 299 the way TensorFlow 1 did, so scores are comparable with
-published FIDs. Its weights file is read weights-only by `ayt.checkpoint.load_weights_file` here (a
+published FIDs (see README, "FID protocol"). Its weights file is read weights-only by `ayt.checkpoint.load_weights_file` here (a
 pickle cannot run code) and handed to the library from memory.
 """
 
@@ -22,6 +22,10 @@ WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0
 WEIGHTS_SHA256_PREFIX = "6726825d"
 FEATURE_DIM = 2048
 FEATURE_KIND = "inception-v3-compat/2048"
+#: The network, in words, for FID records.
+NETWORK = "torch-fidelity inception-v3-compat: the TF FID Inception graph 2015-12-05, 2048-d pool features"
+#: How images reach it (`to_uint8_rgb`, then torch-fidelity's TF1-compatible bilinear resize to 299).
+PIPELINE = "uint8 round((clamp(x,-1,1)+1)*127.5) half-to-even; gray repeated; TF1-bilinear resize to 299x299"
 
 
 def cached_weights_path() -> Path:
