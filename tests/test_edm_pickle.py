@@ -376,3 +376,24 @@ def test_outputs_match_edm_source(tmp_path, monkeypatch, arch):
 def test_real_files_marker_is_registered(pytestconfig):
     assert any(m.startswith("real_files") for m in pytestconfig.getini("markers"))
     assert "not real_files" in " ".join(pytestconfig.getini("addopts"))
+
+
+def test_eval_an_edm_pickle_against_field_statistics(tmp_path, monkeypatch, capsys):
+    """`ayt eval FILE.pkl`: Heun samples of the EDM model scored against a pytorch-fid-style file."""
+    from test_evaluate import FakeInception
+    from test_fid_protocol import pytorch_fid_file
+
+    from ayt.cli import main
+    from ayt.metrics import evaluate
+
+    monkeypatch.setattr(evaluate, "InceptionFeatures", FakeInception)
+    pkl = tmp_path / "edm32.pkl"
+    write_edm_pickle(pkl, res=32, mult=(1, 2), attn=(16,))
+    ref = pytorch_fid_file(tmp_path / "cifar10-32x32.npz")
+    with pytest.warns(UserWarning, match="no provenance"):
+        code = main(["eval", str(pkl), "--metric", "fid", "--ref-stats", str(ref), "--num", "24",
+                     "--heun-steps", "2", "--out", str(tmp_path / "fid.json")])
+    assert code == 0 and not MARKER.exists()
+    assert "heun2" in capsys.readouterr().out
+    record = (tmp_path / "fid.json").read_text()
+    assert '"fid"' in record and str(pkl) in record
