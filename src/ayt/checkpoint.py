@@ -20,6 +20,7 @@ moment leaves the previous checkpoints and ``latest`` loadable.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -458,3 +459,8 @@ def load_weights_file(path: str | os.PathLike, what: str) -> dict[str, torch.Ten
     if not isinstance(state, dict):
         raise AytError(f"{what} {path} is not a state_dict")
     return state
+
+
+def load_storage_bytes(data: bytes) -> Any:
+    """A tensor storage serialised by `torch.save` inside another file (EDM network pickles), read weights-only."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -27,7 +27,6 @@ use other scalings and noise conditioning and are refused with a clear message.
 
 from __future__ import annotations
 
-import io
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ayt.checkpoint import load_storage_bytes
 from ayt.errors import AytError, check
 from ayt.nets.adm import DhariwalUNet
 from ayt.nets.precond import Precond
@@ -93,7 +93,7 @@ def _reconstruct_persistent(meta: dict) -> PersistentRecord:
 def _storage_from_bytes(data: bytes) -> Any:
     """A tensor storage saved by `torch.save` inside the pickle, read by torch's weights-only loader."""
     check(isinstance(data, (bytes, bytearray)), "malformed tensor storage in the pickle")
-    return torch.load(io.BytesIO(data), weights_only=True)
+    return load_storage_bytes(bytes(data))
 
 
 def _rebuild_parameter(data: torch.Tensor, requires_grad: bool = False, hooks: Any = None, *_: Any) -> torch.Tensor:
