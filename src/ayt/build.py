@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ayt.checkpoint import check_compatible, load_checkpoint
+from ayt.checkpoint import check_compatible, check_finite, load_checkpoint, require_keys
 from ayt.config import Config, config_from_dict
 from ayt.data import ImageDataset, build_dataset
 from ayt.errors import AytError, check
@@ -119,10 +119,14 @@ def _load_teacher(path: str, resolution: int | None, channels: int | None) -> Pr
 def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[Precond, Config]:
     """Rebuild a network from a checkpoint (file or run directory) with the config it was trained with."""
     ckpt = load_checkpoint(path)
+    check(ckpt.state.get("kind") != "features", f"{ckpt.path} is a feature network ('ayt train-features'), not an "
+          "image model; pass a run written by 'ayt train'")
+    require_keys(ckpt.state, ("config", "data_info"), ckpt.path)
     config = config_from_dict(ckpt.state["config"])
     info = ckpt.state["data_info"]
     net = build_net(config, info["resolution"], info["channels"], info["num_classes"])
     weights = ckpt.modules[model_key(ckpt.modules, which)]
     check_compatible(weights, net, str(ckpt.path))
+    check_finite(weights, ckpt.path)
     net.load_state_dict(weights)
     return net.to(device).eval(), config

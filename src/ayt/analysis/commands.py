@@ -340,7 +340,10 @@ def run_cli(args: argparse.Namespace) -> int:
     """Run `ayt tangents` (see the module docstring)."""
     import matplotlib
 
+    from ayt.runtime import check_device
+
     matplotlib.use("Agg")
+    check_device(args.device, "--device")
     names = parse_tangent_names(args.distances)
     check(args.picture_images >= 1, f"--picture-images {args.picture_images}: need at least 1")
     models = load_models(checkpoint_paths(args.checkpoints, args.all_checkpoints), args.weights, args.device)

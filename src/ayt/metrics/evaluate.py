@@ -175,10 +175,9 @@ def build_scorer(config: Config, metric: str = "auto", *, image_shape: tuple[int
         digits = DigitsFeatures(resolution, device=device)
         names = {"fd": "fd_digits", "kid": "kid_digits"}
         return FeatureScorer(digits, feature_stats(digits.reference("train"), digits.kind, keep=1500), names, seed)
+    stats = FeatureStats.load(ref_stats, kind=FEATURE_KIND) if ref_stats is not None else None  # before the weights
     inception = InceptionFeatures(inception_weights, device)
-    if ref_stats is not None:
-        stats = FeatureStats.load(ref_stats, kind=FEATURE_KIND)
-    else:
+    if stats is None:
         data = dataset if dataset is not None else _dataset(config, "FID needs reference statistics: pass --ref-stats STATS.npz (see 'ayt fid-stats')")
         stats = reference_stats(inception, data.images, FEATURE_KIND, seed=seed)
     names = {"fd": "fid", "kid": "kid", "kid_std": "kid_std", "precision": "precision", "recall": "recall"}
