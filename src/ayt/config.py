@@ -424,8 +424,8 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """Return a copy of the nested dict `values` with `section.key=value` overrides applied."""
     merged = {}
     for name, section in values.items():
-        check(isinstance(section, dict), f"config section '{name}' must be a mapping of keys (e.g. {name}:\n  key: value), "
-              f"got {section!r}")
+        check(isinstance(section, dict), f"config section '{name}' must be a mapping of keys, got {section!r}; "
+              f"write it as '{name}:' followed by indented 'key: value' lines")
         merged[name] = dict(section)
     for text in overrides:
         (section, key), value = parse_override(text)
