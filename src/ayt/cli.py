@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU with bf16 matmul, see BENCHMARKS.md)")
     p.set_defaults(func=cmd_sample)
 
-    from ayt.analysis.commands import add_parser as add_tangents
+    from ayt.analysis.args import add_parser as add_tangents
     from ayt.metrics.commands import add_parsers as add_eval
 
     add_eval(sub)

@@ -26,6 +26,9 @@ import yaml
 from ayt.errors import AytError, check
 
 
+DATASETS = ("shapes", "digits", "cifar10", "folder", "npz")  # see ayt.data.build_dataset
+
+
 @dataclass
 class DataConfig:
     """Which images to train on (see `ayt.data.build_dataset`)."""
@@ -218,6 +221,7 @@ def _positive(value: float | int | None, key: str, allow_none: bool = False, zer
 
 
 def _rules_data(c: DataConfig) -> None:
+    _one_of(c.name, list(DATASETS), "data.name")
     _positive(c.resolution, "data.resolution", allow_none=True)
     _positive(c.num_samples, "data.num_samples", allow_none=True)
     _one_of(c.split, ["train", "test", "all"], "data.split")

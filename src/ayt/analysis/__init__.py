@@ -3,37 +3,27 @@
 - `tangents`: the fixed analysis batch and the discrete / continuous tangents of a checkpoint;
 - `decompose`: parts along and across a known manifold (shapes), oscillation across checkpoints;
 - `pictures`: the paper-style picture for any dataset;
-- `commands`: the `ayt tangents` command (`add_parser`, `run_cli`).
+- `commands`: the `ayt tangents` command (`run_cli`; its parser `add_parser` is in `args`).
 """
 
-from ayt.analysis.decompose import (
-    Decomposition,
-    Oscillation,
-    ShapesProjection,
-    bucket_means,
-    decompose,
-    decompose_on_shapes,
-    oscillation,
-    project_on_shapes,
-    render_jacobian,
-)
-from ayt.analysis.pictures import tangent_picture
-from ayt.analysis.tangents import (
-    AnalysisBatch,
-    ContinuousTangent,
-    TangentSet,
-    all_tangents,
-    analysis_batch,
-    bucket_levels,
-    continuous_tangent,
-    discrete_tangent,
-    discrete_tangents,
-    parse_tangent_names,
-)
+import importlib
 
-__all__ = [
-    "AnalysisBatch", "ContinuousTangent", "Decomposition", "Oscillation", "ShapesProjection", "TangentSet",
-    "all_tangents", "analysis_batch", "bucket_levels", "bucket_means", "continuous_tangent", "decompose",
-    "decompose_on_shapes", "discrete_tangent", "discrete_tangents", "oscillation", "parse_tangent_names",
-    "project_on_shapes", "render_jacobian", "tangent_picture",
-]
+# name -> submodule; imported on first use, so that `ayt --help` (which imports `ayt.analysis.args`)
+# does not load torch. (The function `decompose` is shadowed by its submodule once that is imported:
+# import it from `ayt.analysis.decompose`.)
+_EXPORTS = {
+    "decompose": ("Decomposition", "Oscillation", "ShapesProjection", "bucket_means", "decompose",
+                  "decompose_on_shapes", "oscillation", "project_on_shapes", "render_jacobian"),
+    "pictures": ("tangent_picture",),
+    "tangents": ("AnalysisBatch", "ContinuousTangent", "TangentSet", "all_tangents", "analysis_batch",
+                 "bucket_levels", "continuous_tangent", "discrete_tangent", "discrete_tangents",
+                 "parse_tangent_names"),
+}
+_SOURCES = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str):
+    if name in _SOURCES:
+        return getattr(importlib.import_module(f"ayt.analysis.{_SOURCES[name]}"), name)
+    raise AttributeError(f"module 'ayt.analysis' has no attribute {name!r}")

@@ -131,7 +131,7 @@ def _write_json(record: dict, path: Path) -> Path:
 # ---------------------------------------------------------------- parsers
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add `eval` and `fid-stats` to the `ayt` sub-command parsers."""
-    from ayt.data import DATASETS
+    from ayt.config import DATASETS
 
     p = subparsers.add_parser("eval", help="score a checkpoint (shapes manifold metrics, FD-digits or FID)",
                               description="Sample from a checkpoint and score the samples with the dataset's metric "
