@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_checkpoint import reseal, write_malicious_pickle
+from test_checkpoint import _Payload, reseal, write_malicious_pickle
 from test_train import ROOT, tiny
 
 import ayt.checkpoint as ckpt
@@ -104,6 +105,10 @@ def world(tmp_path_factory) -> Path:
     (root / "text.npz").write_text("not an archive\n")
     np.savez(root / "objects.npz", images=np.array([{"a": 1}], dtype=object))
     write_malicious_pickle(root / "evil.pth", sentinel)
+    batches = root / "cifar" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (batches / name).write_bytes(pickle.dumps({b"data": _Payload(sentinel)}))  # a plain pickle, as CIFAR's
     return root
 
 
@@ -137,6 +142,10 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
         (["train", *tiny(new, "data.name=npz", f"data.root={w / 'objects.npz'}")], "holds pickled object arrays"),
         (["train", *tiny(new, "distance.name=lpips", f"distance.lpips_weights={w / 'evil.pth'}")],
          "untrusted or corrupted LPIPS trunk weights file"),
+        (["train", *tiny(new, f"objective.init={w / 'evil'}")], "untrusted or corrupted checkpoint: "),
+        (["train", *tiny(new, "distance.name=mfd", f"distance.features={w / 'evil'}")], "untrusted or corrupted checkpoint: "),
+        (["train", *tiny(new, "data.name=cifar10", f"data.root={w / 'cifar'}", "data.resolution=32")],
+         "global posix.system is not allowed"),
         # sampling and evaluation
         (["sample", run, "--out", str(w / "missing" / "g.png")], "does not exist; create it first"),
         (["sample", run, "--out", str(w / "g.gif")], "unknown file type '.gif'"),
@@ -149,6 +158,7 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
         (["sample", str(w / "evil"), "--out", grid], "untrusted or corrupted checkpoint: "),
         (["eval", run, "--metric", "fid", "--ref-stats", str(w / "none.npz")], "--ref-stats"),
         (["eval", run, "--metric", "fid", "--ref-stats", str(w / "text.npz")], "is not an .npz archive"),
+        (["eval", run, "--metric", "fid", "--ref-stats", str(w / "objects.npz")], "holds pickled object arrays"),
         (["eval", run, "--metric", "fid", "--inception-weights", str(w / "evil.pth")], "untrusted or corrupted Inception weights file"),
         (["eval", run, "--batch", "0"], "--batch 0"),
         (["eval", str(w / "nan")], "NaN or infinite weights"),
@@ -157,7 +167,7 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-N_ROWS = 38
+N_ROWS = 42
 
 
 def test_bad_input_table(world, capsys):
