@@ -143,6 +143,10 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
         (["train", *tiny(new, "distance.name=lpips", f"distance.lpips_weights={w / 'evil.pth'}")],
          "untrusted or corrupted LPIPS trunk weights file"),
         (["train", *tiny(new, f"objective.init={w / 'evil'}")], "untrusted or corrupted checkpoint: "),
+        (["train", *tiny(new, "eval.every=1", "eval.metric=fid", f"eval.inception_weights={w / 'evil.pth'}")],
+         "untrusted or corrupted Inception weights file"),
+        (["train", *tiny(new, "eval.every=1", "eval.metric=fid", f"eval.ref_stats={w / 'none.npz'}")],
+         "statistics file"),
         (["train", *tiny(new, "distance.name=mfd", f"distance.features={w / 'evil'}")], "untrusted or corrupted checkpoint: "),
         (["train", *tiny(new, "data.name=cifar10", f"data.root={w / 'cifar'}", "data.resolution=32")],
          "global posix.system is not allowed"),
@@ -167,7 +171,7 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-N_ROWS = 42
+N_ROWS = 44
 
 
 def test_bad_input_table(world, capsys):

@@ -136,14 +136,14 @@ class Trainer:
         self.objective = build_objective(config, self.dataset.resolution, self.dataset.channels).to(self.device)
         self.optimizer = make_optimizer(config.optim, self.net.parameters())
         self.state = RunState()
-
-        # The run folder: one writer (a lock the OS frees when this process ends), then the checkpoint.
-        self.lock = claim_run_dir(self.info, config, resume, lambda: self._restore(from_step))
-        self.model = self._wrap(self.net)
         if self.evaluator is None and config.eval.every and self.info.main:
             from ayt.metrics.evaluate import build_evaluator
 
             self.evaluator = build_evaluator(config, self.dataset, self.device)
+
+        # The run folder: one writer (a lock the OS frees when this process ends), then the checkpoint.
+        self.lock = claim_run_dir(self.info, config, resume, lambda: self._restore(from_step))
+        self.model = self._wrap(self.net)
         self.stream = BatchStream(self.dataset, tc.seed, self.info)
         self.grid_noise = torch.randn(
             (tc.grid_size, self.dataset.channels, self.dataset.resolution, self.dataset.resolution),
