@@ -199,8 +199,8 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
     with RunLock(run):  # the original is "still training"
         err = one_line_error(capsys, ["train", "--resume", str(run), "train.steps=4"])
         assert f"run folder {run} is in use by process {os.getpid()}" in err
-        err = one_line_error(capsys, ["train", *tiny(run, "train.steps=4")])
-        assert "already holds a run" in err
+        err = one_line_error(capsys, ["train", *tiny(run, "train.steps=4")])  # a fresh one into it
+        assert f"is in use by process {os.getpid()}" in err
     assert folder_hash(tmp_path) == before
     fresh = tmp_path / "fresh"
     fresh.mkdir()
@@ -225,6 +225,29 @@ def test_lock_of_a_killed_process_is_released(tmp_path, capsys):
         holder.wait()
     with RunLock(run) as lock:
         assert lock.held
+
+
+@pytest.mark.slow
+def test_resume_while_the_original_trains_is_refused(tmp_path, capsys):
+    """A real `ayt train` process in the folder; a --resume and a fresh run into it both get exit 2."""
+    run = tmp_path / "run"
+    argv = tiny(run, *COMMON, "objective.stage_steps=null", "train.steps=100000", "train.checkpoint_every=5")
+    proc = subprocess.Popen([sys.executable, "-m", "ayt", "train", *argv], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while find_latest(run) is None and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        before = sorted(p.name for p in (run / "checkpoints").iterdir())
+        for argv in (["train", "--resume", str(run)], ["train", *tiny(run, "train.steps=3")]):
+            assert f"is in use by process {proc.pid} (" in one_line_error(capsys, argv)
+        assert proc.poll() is None  # the original still trains
+    finally:
+        proc.kill()
+        proc.wait()
+    assert set(before) <= set(p.name for p in (run / "checkpoints").iterdir()) | {"latest"}
+    assert main(["train", "--resume", str(run), f"train.steps={load_checkpoint(run).step + 1}"]) == 0  # lock freed
 
 
 # ---------------------------------------------------------------- non-finite steps

@@ -41,17 +41,31 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
             raise AytError(f"cannot write to run folder {self.run_dir} ({err.strerror}); choose a writable train.run_dir") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not _try_lock(fd, fcntl.LOCK_EX, tries=5):  # a few tries: `check_free` may hold it for a moment
             holder = _read_holder(fd)
             os.close(fd)
-            raise AytError(f"run folder {self.run_dir} is in use by {holder}; wait for it to finish (or stop it), "
-                           "or set train.run_dir to another folder") from None
+            raise AytError(self._busy(holder))
         os.ftruncate(fd, 0)
         os.write(fd, _describe_self().encode())
         self._fd = fd
         return self
+
+    def check_free(self) -> None:
+        """AytError naming the holder if another process holds the lock now; takes nothing, writes
+        nothing (an early check, so that a refused writer does not first build its data and networks)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file: nobody ever trained here
+        try:
+            if not _try_lock(fd, fcntl.LOCK_SH, tries=1):
+                raise AytError(self._busy(_read_holder(fd)))
+        finally:
+            os.close(fd)  # releases the shared lock
+
+    def _busy(self, holder: str) -> str:
+        return (f"run folder {self.run_dir} is in use by {holder}; wait for it to finish (or stop it), "
+                "or set train.run_dir to another folder")
 
     def release(self) -> None:
         """Unlock (idempotent). The holder line stays; it is only read while the file is locked."""
@@ -67,6 +81,17 @@ class RunLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+def _try_lock(fd: int, mode: int, tries: int) -> bool:
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if attempt + 1 < tries:
+                time.sleep(0.02)
+    return False
 
 
 def _describe_self() -> str:

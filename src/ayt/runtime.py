@@ -110,8 +110,14 @@ class BatchStream:
 
 # ---------------------------------------------------------------- run folder
 def check_run_dir(run_dir: str | Path, resume: bool) -> None:
-    """Before anything is written: a fresh run never overwrites a run; a resume needs a checkpoint."""
+    """Before anything is written: no other process trains in the folder, a fresh run never overwrites
+    a run, a resume needs a checkpoint."""
     run_dir = Path(run_dir)
+    RunLock(run_dir).check_free()
+    _check_contents(run_dir, resume)
+
+
+def _check_contents(run_dir: Path, resume: bool) -> None:
     has_ckpt = run_dir.is_dir() and find_latest(run_dir) is not None
     if resume:
         check(has_ckpt, f"--resume {run_dir}: no checkpoint there; train first or pass the right run folder")
@@ -133,7 +139,7 @@ def open_run_dir(run_dir: str | Path, resume: bool) -> RunLock:
         raise AytError(f"cannot write to run folder {run_dir} ({err.strerror}); choose a writable train.run_dir") from None
     lock = RunLock(run_dir).acquire()
     try:
-        check_run_dir(run_dir, resume)  # another writer may have finished in between
+        _check_contents(run_dir, resume)  # another writer may have finished in between
     except AytError:
         lock.release()
         raise

@@ -319,6 +319,9 @@ class Trainer:
             save_config(self.config, self.run_dir / "config.yaml")  # the config of the newest checkpoint
 
 
+PRINCIPAL_METRICS = {"shapes": "param_fd", "digits": "fd_digits"}  # by data.name; others: fid
+
+
 def best_metric(config: Config, metrics: dict[str, float]) -> tuple[str, str]:
     """(key, "min" or "max") of the metric that decides `RUN_DIR/best`: `eval.best_metric` and
     `eval.best_mode`; by default the principal metric of the dataset (param_fd on shapes,
@@ -334,7 +337,6 @@ def best_metric(config: Config, metrics: dict[str, float]) -> tuple[str, str]:
     return key, mode
 
 
-PRINCIPAL_METRICS = {"shapes": "param_fd", "digits": "fd_digits"}
 def train(config: Config, resume: bool = False, evaluator: Evaluator | None = None,
           from_step: int | None = None) -> RunResult:
     """Train (or resume) the run described by `config`; returns a small summary.
