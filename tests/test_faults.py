@@ -417,8 +417,8 @@ def counting(*a, **k):
     calls["n"] += 1
     return real_save(*a, **k)
 c.save_checkpoint = counting
-import ayt.train
-ayt.train.save_checkpoint = counting
+import ayt.features.train, ayt.train
+ayt.train.save_checkpoint = ayt.features.train.save_checkpoint = counting
 
 if phase == "temp-folder":        # the temp folder exists, no file written yet
     before("save_file")
@@ -501,6 +501,23 @@ def test_kill_during_each_checkpoint_phase_then_resume_is_bitwise(tmp_path, stra
 
 
 KILL_SEEDS = [0, 1, 2, 3]
+
+
+FEATURE_ARGS = ["train.batch_size=8", "features.width=4", "features.holdout=16", "train.steps=6",
+                "train.checkpoint_every=2"]
+
+
+@pytest.mark.slow
+def test_kill_train_features_before_complete_then_resume_is_bitwise(tmp_path):
+    straight = tmp_path / "straight"
+    assert main(["train-features", *tiny(straight, *FEATURE_ARGS)]) == 0
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, "before-complete", "2", "train-features",
+                           *tiny(run, *FEATURE_ARGS)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert load_checkpoint(run).step == 2
+    assert main(["train-features", "--resume", str(run)]) == 0
+    assert_bitwise_equal(straight, run)
 
 
 @pytest.mark.slow
