@@ -392,6 +392,22 @@ def test_full_disk_during_training(tmp_path, capsys, monkeypatch):
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
 
+def test_full_disk_outside_a_checkpoint(tmp_path, capsys, monkeypatch):
+    """Disk full while writing a sample grid (or config.yaml, the log): one line, exit 2."""
+    import errno
+
+    import ayt.train
+
+    def full(images, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ayt.train, "save_grid", full)
+    run = tmp_path / "run"
+    err = one_line_error(capsys, ["train", *tiny(run, *COMMON, "train.steps=2", "train.checkpoint_every=1")])
+    assert err.startswith("error: the disk is full (writing ") and "samples/step-000000002.png" in err
+    assert load_checkpoint(run).step == 1  # the grid of the final step comes before its checkpoint
+
+
 # ---------------------------------------------------------------- kill -9
 KILL_SCRIPT = """
 import os, signal, sys

@@ -8,6 +8,7 @@ Bad input ends with one readable line on stderr and exit code 2 (`--debug` shows
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -208,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
         return 130
+    except OSError as err:
+        if args.debug or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full (writing {err.filename or 'a file'}); free some space; complete checkpoints "
+              "are intact (a run continues with --resume RUN_DIR)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
