@@ -270,3 +270,103 @@ def test_leftovers_of_crashed_saves_are_cleaned(tmp_path: Path) -> None:
     _save(tmp_path, 2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000000001", "step-000000002"]
     assert load_checkpoint(first).step == 1
+
+
+class _Payload:
+    """Unpickling this runs `touch SENTINEL` (if anything ever unpickles it without weights_only)."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def write_malicious_pickle(path: Path, sentinel: Path) -> None:
+    torch.save({"state": _Payload(sentinel)}, path)
+
+
+def reseal(checkpoint: Path) -> None:
+    """Rewrite COMPLETE's digests so that a tampered file passes the integrity check."""
+    import json
+
+    marker = checkpoint / "COMPLETE"
+    meta = json.loads(marker.read_text())
+    meta["sha256"] = {name: ckpt._sha256(checkpoint / name) for name in meta["sha256"]}
+    marker.write_text(json.dumps(meta))
+
+
+def test_malicious_optim_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = _save(tmp_path, 1)
+    sentinel = tmp_path / "pwned"
+    write_malicious_pickle(path / "optim.pt", sentinel)
+    reseal(path)
+    with pytest.raises(AytError) as info:
+        load_checkpoint(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"untrusted or corrupted checkpoint: {path / 'optim.pt'}")
+    assert "weights_only" not in message and "\n" not in message and not sentinel.exists()
+    other = tmp_path / "weights.pth"
+    write_malicious_pickle(other, sentinel)
+    with pytest.raises(AytError, match="untrusted or corrupted LPIPS trunk weights file") as info:
+        ckpt.load_weights_file(other, "LPIPS trunk weights")
+    assert "weights_only" not in str(info.value) and not sentinel.exists()
+
+
+def test_non_finite_weights_are_never_saved_and_refused_on_load(tmp_path: Path) -> None:
+    good = _save(tmp_path, 1)
+    bad = {"net": {"w": torch.tensor([1.0, float("inf")]), "n": torch.tensor([3])}}
+    with pytest.raises(AytError, match=r"refusing to save checkpoint step-000000002: net\.w holds NaN or infinite values; the last good checkpoint is "):
+        save_checkpoint(tmp_path, 2, bad, {}, require_finite=True)
+    assert list_checkpoints(tmp_path) == [good] and find_latest(tmp_path) == good
+    save_checkpoint(tmp_path, 2, bad, {})  # without require_finite: a bitwise store of anything
+    with pytest.raises(AytError, match=r"NaN or infinite weights \(w\).*--from-checkpoint 1"):
+        ckpt.check_finite(load_checkpoint(tmp_path).modules["net"], find_latest(tmp_path))
+
+
+def test_full_disk_names_the_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    first = _save(tmp_path, 1)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(AytError, match=r"the disk is full: checkpoint step-000000002 .*last good checkpoint is .*step-000000001"):
+        _save(tmp_path, 2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000000001"]
+    assert load_checkpoint(tmp_path).path == first
+
+
+def test_corruption_advice_is_a_runnable_command(tmp_path: Path) -> None:
+    _save(tmp_path, 1)
+    newer = _save(tmp_path, 2)
+    (newer / "weights.safetensors").write_bytes(b"junk")
+    with pytest.raises(AytError, match=re.escape(f"'ayt train --resume {tmp_path} --from-checkpoint 1'")):
+        load_checkpoint(tmp_path)
+
+
+def test_continue_from_sets_newer_checkpoints_aside(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        _save(tmp_path, step)
+    moved = ckpt.continue_from(tmp_path, 1)
+    assert [p.name for p in moved] == ["step-000000002", "step-000000003"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000001"] and load_checkpoint(tmp_path).step == 1
+    assert all((p / "COMPLETE").is_file() for p in moved)  # kept, not deleted
+    with pytest.raises(AytError, match="no complete checkpoint at step 7; complete checkpoints there: 1"):
+        ckpt.continue_from(tmp_path, 7)
+
+
+def test_read_state_checks_the_state_digest_and_keys(tmp_path: Path) -> None:
+    path = _save(tmp_path, 4)
+    assert ckpt.read_state(tmp_path) == (path, 4, {"step": 4, "config": {"lr": 1e-3}})
+    (path / "state.json").write_text('{"format": 1, "step": 4, "state": {}}')
+    with pytest.raises(AytError, match="does not match its sha256"):
+        ckpt.read_state(tmp_path)
+    reseal(path)
+    assert ckpt.read_state(tmp_path)[2] == {}
+    with pytest.raises(AytError, match="has no 'images_seen'"):
+        ckpt.require_keys({}, ("images_seen",), path)

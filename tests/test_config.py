@@ -1,5 +1,7 @@
 """Typed configs: presets resolve, overrides apply, bad input raises one clear error."""
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,34 @@ def test_ayt_presets_are_the_reference_recipe():
     f = load_config(CONFIGS / "cifar10-features.yaml")
     assert (f.features.arch, f.features.subset, f.features.p, f.features.ramp_steps) == ("vgg16_bn", "all", 0.15, 50000)
     assert f.train.batch_size == 512 and f.train.steps == 400000 and f.optim.lr == 1e-4
+
+
+def test_exponent_floats_without_a_dot_are_accepted(tmp_path):
+    """YAML 1.1 reads 1e-4 and 3e-4 as strings; every float field takes them (issue 14, item 6)."""
+    c = load_config(None, ["optim.lr=1e-4", "eval.denoise_sigmas=[2e-1, 1]", "distance.c=5E-3"])
+    assert c.optim.lr == 1e-4 and c.eval.denoise_sigmas == [0.2, 1.0] and c.distance.c == 5e-3
+    preset = tmp_path / "p.yaml"
+    preset.write_text("optim:\n  lr: 3e-4\n  betas: [0.9, 99e-2]\n")
+    c = load_config(preset)
+    assert c.optim.lr == 3e-4 and isinstance(c.optim.lr, float) and c.optim.betas == [0.9, 0.99]
+    with pytest.raises(AytError, match="wrong type"):
+        load_config(None, ["optim.lr=1e-4x"])
+    with pytest.raises(AytError, match="wrong type"):
+        load_config(None, ["train.steps=1e3"])  # an int field stays an int field
+
+
+@pytest.mark.parametrize("text, value", [(".inf", math.inf), ("-.inf", -math.inf), (".nan", math.nan), ("1e400", math.inf)])
+def test_non_finite_numbers_are_refused(text, value):
+    with pytest.raises(AytError, match="finite"):
+        load_config(None, [f"optim.lr={text}"])
+    with pytest.raises(AytError, match="finite"):  # also when built in Python
+        Config(optim=dataclasses.replace(Config().optim, lr=value)).validate()
+
+
+def test_section_that_is_not_a_mapping_and_folder_as_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: 5\n")
+    with pytest.raises(AytError, match="section 'train' must be a mapping"):
+        load_config(bad, ["train.steps=3"])
+    with pytest.raises(AytError, match="is a folder"):
+        load_config(tmp_path)

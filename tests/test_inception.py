@@ -57,5 +57,5 @@ def test_bad_weights_files_raise(tmp_path):
     with pytest.raises(AytError, match="do not fit the network"):
         InceptionFeatures(tmp_path / "partial.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(AytError, match="cannot read Inception weights"):
+    with pytest.raises(AytError, match="untrusted or corrupted Inception weights file"):
         InceptionFeatures(tmp_path / "junk.pth")

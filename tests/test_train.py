@@ -114,7 +114,7 @@ def _error(capsys, argv) -> str:
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert "did you mean 'batch_size'" in _error(capsys, ["train", "train.batch_sise=3"])
     assert "must be > 0" in _error(capsys, ["train", "train.batch_size=-1"])
-    assert "no config.yaml" in _error(capsys, ["train", "--resume", str(tmp_path)])
+    assert "no checkpoints there" in _error(capsys, ["train", "--resume", str(tmp_path)])
     assert "--config configs/shapes-ect.yaml" in _error(capsys, ["train", "configs/shapes-ect.yaml"])
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -127,11 +127,8 @@ def test_existing_run_is_never_overwritten_and_bad_checkpoints_are_refused(tmp_p
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "already holds a run" in _error(capsys, ["train", *tiny(run, "train.steps=4")])
     # another architecture
-    cfg = run / "config.yaml"
-    text = cfg.read_text()
-    cfg.write_text(text.replace("model_channels: 16", "model_channels: 24"))
-    assert "another architecture" in _error(capsys, ["train", "--resume", str(run), "train.steps=4"])
-    cfg.write_text(text)
+    wider = "network.overrides={model_channels: 24, num_blocks: 1, attn_resolutions: []}"
+    assert "another architecture" in _error(capsys, ["train", "--resume", str(run), "train.steps=4", wider])
     # a truncated checkpoint
     latest = load_checkpoint(run).path
     weights = latest / "weights.safetensors"
@@ -143,6 +140,30 @@ def test_existing_run_is_never_overwritten_and_bad_checkpoints_are_refused(tmp_p
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "ayt", "--help"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert out.returncode == 0 and "train" in out.stdout and "sample" in out.stdout
+
+
+_LIGHT_PROBE = """
+import contextlib, io, sys
+from ayt.cli import main
+
+def code(argv):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return main(argv)
+        except SystemExit as exit:  # --help
+            return exit.code
+
+codes = [code(["--help"]), code(["train", "--help"]), code(["train", "--config", "configs/cifar10-ect.yaml", "--dry-run"]),
+         code(["train", "train.batch_sise=3"]), code(["train", "--config", "configs"])]
+print(codes, "torch" in sys.modules)
+"""
+
+
+def test_help_dry_run_and_config_errors_do_not_import_torch():
+    """`ayt --help`, `--dry-run` and config errors answer without loading torch (0.1 s instead of 3.5 s)."""
+    out = subprocess.run([sys.executable, "-c", _LIGHT_PROBE], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.stdout.strip() == "[0, 0, 0, 2, 2] False", out.stdout + out.stderr
 
 
 def test_cli_ect_with_aligned_mfd(tmp_path, capsys):

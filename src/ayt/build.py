@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ayt.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from ayt.checkpoint import check_compatible, check_finite, load_checkpoint, require_keys, save_checkpoint
 from ayt.config import Config, config_from_dict, save_config
 from ayt.data import ImageDataset, build_dataset
 from ayt.errors import AytError, check
@@ -130,11 +130,15 @@ def load_model(path: str | Path, which: str = "ema", device: str | torch.device 
         net, arch = _edm_model(path)
         return net.to(device).eval(), edm_config(arch)
     ckpt = load_checkpoint(path)
+    check(ckpt.state.get("kind") != "features", f"{ckpt.path} is a feature network ('ayt train-features'), not an "
+          "image model; pass a run written by 'ayt train'")
+    require_keys(ckpt.state, ("config", "data_info"), ckpt.path)
     config = config_from_dict(ckpt.state["config"])
     info = ckpt.state["data_info"]
     net = build_net(config, info["resolution"], info["channels"], info["num_classes"])
     weights = ckpt.modules[model_key(ckpt.modules, which)]
     check_compatible(weights, net, str(ckpt.path))
+    check_finite(weights, ckpt.path)
     net.load_state_dict(weights)
     return net.to(device).eval(), config
 

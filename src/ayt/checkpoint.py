@@ -19,6 +19,7 @@ moment leaves the previous checkpoints and ``latest`` loadable.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -45,6 +46,7 @@ WEIGHTS = "weights.safetensors"
 STATE = "state.json"
 OPTIM = "optim.pt"
 MARKER = "COMPLETE"
+SUPERSEDED = "superseded"
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = (".tmp-", ".old-")
@@ -78,6 +80,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep: int = 3,
     protect: set[str] | None = None,
+    require_finite: bool = False,
 ) -> Path:
     """Write the checkpoint of `step` atomically and return its folder.
 
@@ -86,10 +89,17 @@ def save_checkpoint(
     anything else made only of tensors, numbers, strings, lists and dicts. Afterwards only the
     newest `keep` complete checkpoints remain, plus the folder names in `protect` (e.g. a
     "best" checkpoint). A same-step checkpoint is replaced safely. On failure nothing already
-    on disk changes and the temporary folder is removed.
+    on disk changes and the temporary folder is removed; a full disk raises AytError naming the
+    checkpoint that is still the good one. With `require_finite`, a NaN or infinite value in any
+    floating-point tensor of `modules` raises AytError before anything is written.
     """
     _check_save_args(step, keep)
     root = _writable_checkpoint_root(Path(run_dir))
+    if require_finite:
+        bad = first_non_finite(modules)
+        if bad:
+            raise AytError(f"refusing to save checkpoint {step_dir_name(step)}: {bad} holds NaN or infinite values; "
+                           f"{_good_checkpoint(root)}")
     tensors, layout = _flatten(modules)
     state_text = _state_json(step, state)
     extra = {} if extra is None else extra
@@ -98,12 +108,40 @@ def save_checkpoint(
     try:
         _write_files(tmp, step, tensors, layout, state_text, extra)
         final = _move_into_place(tmp, root / step_dir_name(step))
-    except BaseException:
+        _write_latest(root, final.name)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise AytError(f"the disk is full: checkpoint {step_dir_name(step)} could not be written to {root}; "
+                           f"{_good_checkpoint(root)}; free some space, then resume") from None
         raise
-    _write_latest(root, final.name)
     _prune(root, keep, (protect or set()) | {final.name})
     return final
+
+
+def first_non_finite(modules: dict[str, dict[str, torch.Tensor]]) -> str | None:
+    """The name ("module.key") of the first floating-point tensor holding NaN or inf, else None."""
+    for name, sd in modules.items():
+        for key, value in sd.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return f"{name}.{key}"
+    return None
+
+
+def check_finite(weights: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Raise AytError if a state dict read from `path` holds NaN or infinite values (such weights
+    produce black images and meaningless scores)."""
+    bad = first_non_finite({"weights": weights})
+    if bad:
+        raise AytError(f"checkpoint {path} holds NaN or infinite weights ({bad.split('.', 1)[1]}); "
+                       f"{_fallback_hint(Path(path))}")
+
+
+def _good_checkpoint(root: Path) -> str:
+    latest = find_latest(root)
+    if latest is None:
+        return "no complete checkpoint exists yet"
+    return f"the last good checkpoint is {latest}"
 
 
 def _check_save_args(step: int, keep: int) -> None:
@@ -302,6 +340,27 @@ def find_latest(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def continue_from(run_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Make the complete checkpoint at `step` the run's latest: the checkpoints after it (complete or
+    not) move to ``checkpoints/superseded/`` (kept, never loaded or pruned) and ``latest`` points to
+    `step`. Returns the moved folders. Used by ``--resume RUN --from-checkpoint STEP``."""
+    root = _checkpoint_root(Path(run_dir))
+    target = checkpoint_at(run_dir, step)
+    newer = sorted(p for p in root.iterdir() if _step_of(p) is not None and _step_of(p) > step)
+    moved = []
+    if newer:
+        aside = root / SUPERSEDED
+        aside.mkdir(exist_ok=True)
+        for path in newer:
+            dest = aside / path.name
+            if dest.exists():
+                dest = aside / f"{path.name}-{os.getpid()}"
+            os.replace(path, dest)
+            moved.append(dest)
+    _write_latest(root, target.name)
+    return moved
+
+
 # ---------------------------------------------------------------------------------- loading
 
 
@@ -313,10 +372,66 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location: str | torc
     try:
         modules = _read_weights(path / WEIGHTS, map_location)
         saved = json.loads((path / STATE).read_text())
-        extra = torch.load(path / OPTIM, map_location=map_location, weights_only=True)
     except (OSError, ValueError, RuntimeError, SafetensorError, KeyError) as err:
         raise AytError(f"checkpoint {path} is corrupted ({err}); {_fallback_hint(path)}") from None
-    return Checkpoint(path=path, step=int(saved["step"]), modules=modules, state=saved["state"], extra=extra)
+    extra = _load_weights_only(path / OPTIM, map_location, f"checkpoint: {path / OPTIM}; {_fallback_hint(path)}")
+    step, state = _step_and_state(saved, path)
+    return Checkpoint(path=path, step=step, modules=modules, state=state, extra=extra)
+
+
+def read_state(path_or_run_dir: str | os.PathLike, step: int | None = None) -> tuple[Path, int, dict[str, Any]]:
+    """(checkpoint folder, step, JSON state) of the latest checkpoint of a run (or of its checkpoint
+    at `step`), reading only state.json (checked against its sha256); no tensors are loaded."""
+    path = checkpoint_at(path_or_run_dir, step) if step is not None else _resolve(Path(path_or_run_dir))
+    try:
+        digest = json.loads((path / MARKER).read_text())["sha256"][STATE]
+        text = (path / STATE).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        raise AytError(f"checkpoint {path} is corrupted: {STATE} or {MARKER} is unreadable; {_fallback_hint(path)}") from None
+    if hashlib.sha256(text).hexdigest() != digest:
+        raise AytError(f"checkpoint {path} is corrupted: {path / STATE} does not match its sha256 (truncated or "
+                       f"modified); {_fallback_hint(path)}")
+    try:
+        saved = json.loads(text)
+    except ValueError:
+        raise AytError(f"checkpoint {path} is corrupted: {STATE} is not JSON; {_fallback_hint(path)}") from None
+    return (path, *_step_and_state(saved, path))
+
+
+def checkpoint_at(run_dir: str | os.PathLike, step: int) -> Path:
+    """The complete checkpoint folder of `run_dir` at `step` (AytError listing the steps there)."""
+    root = _checkpoint_root(Path(run_dir))
+    path = root / step_dir_name(step)
+    if not (path / MARKER).is_file():
+        steps = ", ".join(str(_step_of(p)) for p in _complete_dirs(root)) or "none"
+        raise AytError(f"{run_dir} has no complete checkpoint at step {step}; complete checkpoints there: {steps}")
+    return path
+
+
+def require_keys(state: dict[str, Any], keys: tuple[str, ...], path: str | os.PathLike) -> None:
+    """Raise AytError if the JSON state of the checkpoint at `path` lacks one of `keys`."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise AytError(f"checkpoint {path} is not usable: its {STATE} has no '{missing[0]}' (edited, or written by "
+                       f"another program); {_fallback_hint(Path(path))}")
+
+
+def _step_and_state(saved: Any, path: Path) -> tuple[int, dict[str, Any]]:
+    if not (isinstance(saved, dict) and isinstance(saved.get("step"), int) and isinstance(saved.get("state"), dict)):
+        raise AytError(f"checkpoint {path} is not usable: its {STATE} lacks 'step' or 'state'; {_fallback_hint(path)}")
+    return saved["step"], saved["state"]
+
+
+def _load_weights_only(file: Path, map_location: str | torch.device, refusal: str) -> Any:
+    """`torch.load(weights_only=True)`; anything it refuses (a pickle holding code or foreign objects,
+    or a damaged file) becomes AytError("untrusted or corrupted " + refusal). torch's own message is
+    not repeated: it advises `weights_only=False`, which would run the file's code."""
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every failure here means: do not trust this file
+        hint = ("; it holds Python objects besides tensors (a pickled model?): save model.state_dict() instead"
+                if "Unsupported global" in str(err) else "")
+        raise AytError(f"untrusted or corrupted {refusal}{hint}") from None
 
 
 def _resolve(path: Path) -> Path:
@@ -349,12 +464,20 @@ def _verify(path: Path) -> None:
 
 
 def _fallback_hint(path: Path) -> str:
-    """Name the newest complete checkpoint older than `path`, or suggest a fresh run."""
+    """The exact command that resumes from the newest complete checkpoint older than `path`
+    (`--resume RUN --from-checkpoint STEP`), or advice to start a fresh run."""
     step = _step_of(path)
     older = [p for p in _complete_dirs(path.parent) if step is None or (_step_of(p) or 0) < step]
-    if older:
-        return f"resume from the older complete checkpoint {older[-1]}"
-    return f"no older complete checkpoint exists in {path.parent}: start a fresh run"
+    if not older:
+        return f"no older complete checkpoint exists in {path.parent}: start a fresh run"
+    run, older_step = older[-1].parent.parent, _step_of(older[-1])
+    try:
+        kind = json.loads((older[-1] / STATE).read_text())["state"].get("kind")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        kind = None
+    command = "train-features" if kind == "features" else "train"
+    return (f"the older checkpoint {older[-1]} is complete: continue from it with "
+            f"'ayt {command} --resume {run} --from-checkpoint {older_step}'")
 
 
 def _read_weights(file: Path, map_location: str | torch.device) -> dict[str, dict[str, torch.Tensor]]:
@@ -445,17 +568,7 @@ def load_weights_file(path: str | os.PathLike, what: str) -> dict[str, torch.Ten
     path = Path(path)
     if not path.is_file():
         raise AytError(f"{what} file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input problem
-        text = str(err).strip()
-        if "Unsupported global" in text:
-            raise AytError(f"cannot read {what} {path}: it holds Python objects besides tensors (a pickled "
-                           "model?); save model.state_dict() instead") from None
-        # torch's UnpicklingError text advises weights_only=False: never pass it on
-        first_line = text.splitlines()[0] if text else ""
-        detail = "" if type(err).__name__ == "UnpicklingError" else f" ({type(err).__name__}: {first_line})"
-        raise AytError(f"cannot read {what} {path}: it is not a torch.save file, or it is damaged{detail}") from None
+    state = _load_weights_only(path, "cpu", f"{what} file: {path}")
     if not isinstance(state, dict):
         raise AytError(f"{what} {path} is not a state_dict")
     return state

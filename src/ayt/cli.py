@@ -8,6 +8,7 @@ Bad input ends with one readable line on stderr and exit code 2 (`--debug` shows
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -16,18 +17,29 @@ from ayt.errors import AytError, check
 
 # ---------------------------------------------------------------- commands
 def run_config(args: argparse.Namespace, command: str):
-    """The resolved config of `ayt train` / `ayt train-features`: preset or resumed run + overrides."""
-    from ayt.config import load_config
+    """The resolved config of `ayt train` / `ayt train-features`: preset or resumed run + overrides.
 
-    overrides = list(args.overrides)
-    config_path = args.config
-    if args.resume:
-        run_dir = Path(args.resume)
-        check((run_dir / "config.yaml").is_file(), f"--resume {run_dir}: no config.yaml there; pass the folder of a run started with 'ayt {command}'")
-        check(config_path is None, "--resume takes the run's own config.yaml; drop --config (overrides such as train.steps=N still apply)")
-        config_path = run_dir / "config.yaml"
-        overrides.append(f"train.run_dir={run_dir}")
-    return load_config(config_path, overrides)
+    A resumed run continues with the config saved in the checkpoint it resumes from (so a failed
+    or diverged resume never changes what a later plain --resume does), plus the overrides."""
+    from ayt.config import apply_overrides, config_from_dict, load_config
+
+    check(args.from_checkpoint is None or args.resume, "--from-checkpoint STEP needs --resume RUN_DIR")
+    if not args.resume:
+        return load_config(args.config, list(args.overrides))
+    from ayt.checkpoint import read_state
+
+    run_dir = Path(args.resume)
+    check(run_dir.is_dir() and (run_dir / "checkpoints").is_dir(),
+          f"--resume {run_dir}: no checkpoints there; pass the folder of a run started with 'ayt {command}'")
+    check(args.config is None, "--resume continues with the config saved in the run's checkpoint; drop --config "
+          "(overrides such as train.steps=N still apply)")
+    path, _, state = read_state(run_dir, args.from_checkpoint)
+    is_features = state.get("kind") == "features"
+    check(is_features == (command == "train-features"),
+          f"{run_dir} is {'a feature-network' if is_features else 'a consistency/diffusion'} run; resume it with "
+          f"'ayt {'train-features' if is_features else 'train'} --resume {run_dir}'")
+    check(isinstance(state.get("config"), dict), f"checkpoint {path} holds no config; it was not written by 'ayt {command}'")
+    return config_from_dict(apply_overrides(state["config"], [*args.overrides, f"train.run_dir={run_dir}"]))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -37,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from ayt.train import train
 
-    result = train(config, resume=bool(args.resume))
+    result = train(config, resume=bool(args.resume), from_step=args.from_checkpoint)
     print(f"done: {result.step} steps, {result.images_seen} images, {result.wall_s:.1f} s, last loss {result.last_loss:.4g}; run folder {result.run_dir}")
     return 0
 
@@ -49,7 +61,7 @@ def cmd_train_features(args: argparse.Namespace) -> int:
         return 0
     from ayt.features.train import train_features
 
-    result = train_features(config, resume=bool(args.resume))
+    result = train_features(config, resume=bool(args.resume), from_step=args.from_checkpoint)
     groups = result.heldout.get("groups", {})
     ratios = ", ".join(f"{g} {v['ratio']:.3f}" for g, v in groups.items() if v["ratio"] is not None)
     held = f"; held-out mse/mse_zero: {ratios}" if ratios else ""
@@ -64,8 +76,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ayt.images import save_grid, save_npz
     from ayt.sampling import consistency_sample, edm_heun_sample, parse_sigmas
 
+    from ayt.images import check_output_path
+    from ayt.runtime import check_device
+
     check(args.num > 0, f"-n {args.num}: the number of images must be > 0")
+    check(args.batch > 0, f"--batch {args.batch}: the number of images per network call must be > 0")
     check(args.out or args.npz, "give --out GRID.png and/or --npz IMAGES.npz")
+    if args.out:
+        check_output_path(args.out, "--out", (".png", ".jpg", ".jpeg"))
+    if args.npz:
+        check_output_path(args.npz, "--npz", (".npz",))
+    check_device(args.device, "--device")
     net, config = load_model(args.checkpoint, which=args.weights, device=args.device)
     device_type = torch.device(args.device).type
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -120,7 +141,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 def _add_run_args(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--config", type=Path, help="YAML preset (see configs/); omitted: library defaults")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint, with its config.yaml")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint, with the config saved there")
+    p.add_argument("--from-checkpoint", metavar="STEP", type=int,
+                   help="with --resume: continue from the checkpoint of this step instead of the latest (newer ones are "
+                        "moved to checkpoints/superseded/)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help=f"section.key=value, e.g. {example}")
 
@@ -160,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU with bf16 matmul, see BENCHMARKS.md)")
     p.set_defaults(func=cmd_sample)
 
-    from ayt.analysis.commands import add_parser as add_tangents
+    from ayt.analysis.args import add_parser as add_tangents
     from ayt.metrics.commands import add_parsers as add_eval
 
     add_eval(sub)
@@ -202,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
         return 130
+    except OSError as err:
+        if args.debug or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full (writing {err.filename or 'a file'}); free some space; complete checkpoints "
+              "are intact (a run continues with --resume RUN_DIR)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

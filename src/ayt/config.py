@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +24,9 @@ from typing import Any, Union
 import yaml
 
 from ayt.errors import AytError, check
+
+
+DATASETS = ("shapes", "digits", "cifar10", "folder", "npz")  # see ayt.data.build_dataset
 
 
 @dataclass
@@ -137,6 +144,7 @@ class TrainConfig:
     grid_size: int = 64  # images per sample grid (fixed noise, comparable across steps)
     sample_sigmas: str = "1"  # 1 | 2 | comma list of levels for the consistency grids
     log_every: int = 10
+    skip_nonfinite: int = 0  # skip a step whose loss or gradients are non-finite, stopping after N in a row (0 = stop at once)
 
 
 @dataclass
@@ -150,6 +158,8 @@ class EvalConfig:
     denoise_sigmas: list[float] = field(default_factory=list)  # also score one-step denoising at these t
     inception_weights: str | None = None  # fid: local Inception weights file (offline use)
     ref_stats: str | None = None  # fid: reference statistics (.npz: 'ayt fid-stats', or mu/sigma from pytorch-fid / EDM)
+    best_metric: str = "auto"  # metric that picks RUN/best; auto: param_fd (shapes), fd_digits (digits), fid (others)
+    best_mode: str = "auto"  # min | max | auto (max for coverage, precision, recall; min otherwise)
 
 
 @dataclass
@@ -207,11 +217,12 @@ def _one_of(value: Any, allowed: list[str], key: str) -> None:
 def _positive(value: float | int | None, key: str, allow_none: bool = False, zero: bool = False) -> None:
     if value is None and allow_none:
         return
-    ok = value is not None and (value >= 0 if zero else value > 0)
-    check(ok, f"{key}={value} must be {'>= 0' if zero else '> 0'}")
+    ok = value is not None and math.isfinite(value) and (value >= 0 if zero else value > 0)
+    check(ok, f"{key}={value} must be {'>= 0' if zero else '> 0'} and finite")
 
 
 def _rules_data(c: DataConfig) -> None:
+    _one_of(c.name, list(DATASETS), "data.name")
     _positive(c.resolution, "data.resolution", allow_none=True)
     _positive(c.num_samples, "data.num_samples", allow_none=True)
     _one_of(c.split, ["train", "test", "all"], "data.split")
@@ -271,6 +282,7 @@ def _rules_train(c: TrainConfig) -> None:
         _positive(getattr(c, key), f"train.{key}")
     _positive(c.sample_every, "train.sample_every", zero=True)
     _positive(c.num_workers, "train.num_workers", zero=True)
+    _positive(c.skip_nonfinite, "train.skip_nonfinite", zero=True)
     check(all(0 < d < 1 for d in c.ema_decays), f"train.ema_decays={c.ema_decays} must lie in (0, 1)")
     _one_of(c.precision, ["fp32", "bf16"], "train.precision")
     check(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), f"train.device='{c.device}' must be auto, cpu, cuda or cuda:N")
@@ -281,6 +293,7 @@ def _rules_eval(c: EvalConfig) -> None:
     _positive(c.num_samples, "eval.num_samples")
     _one_of(c.metric, ["auto", "manifold", "fd_digits", "fid", "none"], "eval.metric")
     check(all(s > 0 for s in c.denoise_sigmas), f"eval.denoise_sigmas={c.denoise_sigmas} must be > 0")
+    _one_of(c.best_mode, ["auto", "min", "max"], "eval.best_mode")
 
 
 def _rules_log(c: LogConfig) -> None:
@@ -320,6 +333,25 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, origin or hint)
 
 
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _read_floats(value: Any, hint: Any) -> Any:
+    """Accept `1e-4` where a float is expected: YAML 1.1 reads an exponent without a dot as a string."""
+    if isinstance(value, str) and _accepts_float(hint) and not _accepts(hint, str) and _FLOAT_TEXT.match(value.strip()):
+        return float(value)
+    if isinstance(value, list) and typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_read_floats(v, item) for v in value]
+    return value
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return isinstance(value, list) and any(_non_finite(v) for v in value)
+
+
 def _coerce(value: Any, hint: Any) -> Any:
     """Turn YAML ints into floats where a float is expected (so configs round-trip exactly)."""
     if isinstance(value, int) and not isinstance(value, bool) and _accepts_float(hint) and not _accepts_int(hint):
@@ -330,12 +362,16 @@ def _coerce(value: Any, hint: Any) -> Any:
     return value
 
 
+def _accepts(hint: Any, kind: type) -> bool:
+    return hint is kind or kind in typing.get_args(hint)
+
+
 def _accepts_float(hint: Any) -> bool:
-    return hint is float or float in typing.get_args(hint)
+    return _accepts(hint, float)
 
 
 def _accepts_int(hint: Any) -> bool:
-    return hint is int or int in typing.get_args(hint)
+    return _accepts(hint, int)
 
 
 def _unknown_key(key: str, valid: list[str]) -> AytError:
@@ -351,8 +387,10 @@ def _section_from_dict(cls: type, values: dict, prefix: str) -> Any:
     for key, value in values.items():
         if key not in names:
             raise _unknown_key(f"{prefix}.{key}", names)
+        value = _read_floats(value, hints[key])
         if not _type_ok(value, hints[key]):
             raise AytError(f"config key '{prefix}.{key}' has the wrong type: got {value!r}, expected {_type_name(hints[key])}")
+        check(not _non_finite(value), f"config key '{prefix}.{key}' is {value!r}; give a finite number")
         kwargs[key] = _coerce(value, hints[key])
     return cls(**kwargs)
 
@@ -391,7 +429,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """Return a copy of the nested dict `values` with `section.key=value` overrides applied."""
-    merged = {k: dict(v) for k, v in values.items()}
+    merged = {}
+    for name, section in values.items():
+        check(isinstance(section, dict), f"config section '{name}' must be a mapping of keys, got {section!r}; "
+              f"write it as '{name}:' followed by indented 'key: value' lines")
+        merged[name] = dict(section)
     for text in overrides:
         (section, key), value = parse_override(text)
         merged.setdefault(section, {})[key] = value
@@ -401,6 +443,8 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML config file into a dict; clear errors for missing or malformed files."""
     path = Path(path)
+    check(not path.is_dir(), f"config file '{path}' is a folder; pass a YAML file such as configs/shapes-ect.yaml "
+          "(to continue a run in a folder use --resume)")
     check(path.is_file(), f"config file '{path}' does not exist; see configs/ for presets")
     try:
         values = yaml.safe_load(path.read_text()) or {}
@@ -417,5 +461,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(config.to_yaml())
+    """Write the resolved config as YAML, atomically (temp file + os.replace)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yaml", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(config.to_yaml())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ayt.errors import check
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """`[B, C, H, W]` in [-1, 1] -> uint8 `[B, H, W, C]` (values clamped)."""
@@ -27,6 +29,17 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np
         r, k = divmod(i, cols)
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = arr[i]
     return grid
+
+
+def check_output_path(path: str | Path, flag: str, suffixes: tuple[str, ...]) -> Path:
+    """Raise AytError unless `path` can be written: its folder exists and it ends in one of `suffixes`."""
+    path = Path(path)
+    check(path.suffix.lower() in suffixes, f"{flag} {path}: unknown file type '{path.suffix}'; use a name ending in "
+          f"{' or '.join(suffixes)}")
+    folder = path.parent
+    check(folder.is_dir(), f"{flag} {path}: the folder {folder} does not exist; create it first (mkdir -p {folder})")
+    check(not path.is_dir(), f"{flag} {path} is a folder; give a file name")
+    return path
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None) -> Path:

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ayt.errors import check  # noqa: E402
-from ayt.runlog import read_log  # noqa: E402
+from ayt.runlog import better_is_higher, read_log  # noqa: E402
 
 
 def run_label(run_dir: Path) -> str:
@@ -60,14 +60,6 @@ def _fmt(value: float | None) -> str:
 def _largest(log: list[dict], key: str) -> float | None:
     """The largest logged value of a counter (steps, images, seconds), or None."""
     return max((r[key] for r in log if isinstance(r.get(key), (int, float))), default=None)
-
-
-HIGHER_IS_BETTER = ("coverage", "precision", "recall", "accuracy")
-
-
-def better_is_higher(key: str) -> bool:
-    """Whether a larger value of a logged metric is better (coverage, precision, recall)."""
-    return key.rsplit("/", 1)[-1].startswith(HIGHER_IS_BETTER)
 
 
 def summary_rows(logs: dict[str, list[dict]], keys: list[str]) -> list[dict]:

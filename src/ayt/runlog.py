@@ -29,6 +29,7 @@ LOG_FILE = "log.jsonl"
 TB_DIR = "tb"
 WANDB_ID_FILE = "wandb_id.txt"
 _RESERVED = ("step", "time", "wall_s")
+HIGHER_IS_BETTER = ("coverage", "precision", "recall", "accuracy")
 _warned_no_tensorboard = False
 
 
@@ -131,6 +132,11 @@ def _parse_lines(text: str, path: Path) -> list[tuple[str, dict[str, Any]]]:
                 break  # truncated last line
             raise AytError(f"{path} line {number} is not valid JSON; fix or delete that line") from None
     return pairs
+
+
+def better_is_higher(key: str) -> bool:
+    """Whether a larger value of a logged metric is better (coverage, precision, recall)."""
+    return key.rsplit("/", 1)[-1].startswith(HIGHER_IS_BETTER)
 
 
 def read_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

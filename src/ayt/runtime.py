@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ayt.checkpoint import find_latest
-from ayt.config import OptimConfig
+from ayt.checkpoint import Checkpoint, checkpoint_at, continue_from, find_latest, load_checkpoint
+from ayt.config import Config, OptimConfig, save_config
 from ayt.data import ImageDataset
 from ayt.errors import AytError, check
+from ayt.runlock import RunLock
 
 
 # ---------------------------------------------------------------- processes and devices
@@ -44,6 +47,21 @@ def init_distributed(device_pref: str) -> DistInfo:
     if not use_cuda:  # several processes share the cores: more threads than cores is very slow
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     return info
+
+
+def check_device(device: str, flag: str) -> torch.device:
+    """The device named by a command-line flag; AytError if it is malformed or absent on this machine."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise AytError(f"{flag} {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        check(torch.cuda.is_available(), f"{flag} {device}: CUDA is not available on this machine; use {flag} cpu")
+        check(d.index is None or d.index < torch.cuda.device_count(),
+              f"{flag} {device}: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    else:
+        check(d.type == "cpu", f"{flag} {device}: use cpu, cuda or cuda:N")
+    return d
 
 
 def resolve_device(pref: str, info: DistInfo) -> torch.device:
@@ -91,22 +109,72 @@ class BatchStream:
 
 
 # ---------------------------------------------------------------- run folder
-def prepare_run_dir(run_dir: str | Path, resume: bool) -> Path:
-    """Create (or check, when resuming) the run folder; never touch an existing run otherwise."""
+def check_run_dir(run_dir: str | Path, resume: bool) -> None:
+    """Before anything is written: no other process trains in the folder, a fresh run never overwrites
+    a run, a resume needs a checkpoint."""
     run_dir = Path(run_dir)
+    RunLock(run_dir).check_free()
+    _check_contents(run_dir, resume)
+
+
+def _check_contents(run_dir: Path, resume: bool) -> None:
     has_ckpt = run_dir.is_dir() and find_latest(run_dir) is not None
     if resume:
         check(has_ckpt, f"--resume {run_dir}: no checkpoint there; train first or pass the right run folder")
     else:
         check(not has_ckpt, f"{run_dir} already holds a run; pass --resume {run_dir} to continue it or set train.run_dir to a new folder")
+
+
+def open_run_dir(run_dir: str | Path, resume: bool) -> RunLock:
+    """Create the run folder and make this process its only writer (see `ayt.runlock`).
+
+    Call it after the config, data and networks have been checked, so that bad input leaves no
+    folder behind; the checks of `check_run_dir` are repeated under the lock.
+    """
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, resume)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
     except OSError as err:
         raise AytError(f"cannot write to run folder {run_dir} ({err.strerror}); choose a writable train.run_dir") from None
-    return run_dir
+    lock = RunLock(run_dir).acquire()
+    try:
+        _check_contents(run_dir, resume)  # another writer may have finished in between
+    except AytError:
+        lock.release()
+        raise
+    return lock
+
+
+def claim_run_dir(info: DistInfo, config: Config, resume: bool, restore: Callable[[], None]) -> RunLock | None:
+    """Lock `train.run_dir` (rank 0), then call `restore()` when resuming or write config.yaml for a
+    fresh run. The lock is released again if that fails; otherwise the caller releases it."""
+    run_dir = Path(config.train.run_dir)
+    lock = open_run_dir(run_dir, resume) if info.main else None
+    barrier(info)
+    try:
+        if resume:
+            restore()
+        elif info.main:
+            save_config(config, run_dir / "config.yaml")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
+def resume_checkpoint(info: DistInfo, run_dir: Path, steps: int, from_step: int | None = None) -> Checkpoint:
+    """The checkpoint a resume continues from: the latest, or the one at `from_step` (after it is
+    loaded and checked, the newer ones are set aside, see `continue_from`). `train.steps` below its
+    step is an error."""
+    ckpt = load_checkpoint(run_dir if from_step is None else checkpoint_at(run_dir, from_step), map_location="cpu")
+    check(steps >= ckpt.step, f"train.steps={steps} is below the step {ckpt.step} of the checkpoint {ckpt.path}; "
+          f"pass train.steps=N with N >= {ckpt.step} to train longer")
+    if from_step is not None and info.main:
+        continue_from(run_dir, from_step)
+    barrier(info)
+    return ckpt
 
 
 # ---------------------------------------------------------------- optimisation helpers
@@ -119,6 +187,58 @@ def make_optimizer(optim: OptimConfig, params: Iterable[nn.Parameter]) -> torch.
 def lr_at(step: int, base: float, warmup: int) -> float:
     """Learning rate at `step`: linear warm-up from 0 over `warmup` steps, then `base`."""
     return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
+
+
+class FiniteGuard:
+    """Decides, before the optimiser step, whether a step's loss and gradients are finite.
+
+    A finite step returns True. A non-finite one returns False (the caller skips the update and
+    the EMAs) while at most `skip_limit` such steps come in a row (`train.skip_nonfinite`);
+    beyond that it raises AytError, so nothing non-finite ever reaches the weights. With several
+    processes the decision is all-reduced, so every rank skips or stops together.
+    """
+
+    def __init__(self, skip_limit: int, info: DistInfo, device: torch.device, first_step: int) -> None:
+        self.skip_limit, self.info, self.device, self.first_step = skip_limit, info, device, first_step
+        self.in_row = 0
+        self.skipped = 0  # steps skipped in this session
+
+    def step_ok(self, step: int, loss: float, params: Iterable[nn.Parameter]) -> bool:
+        bad = not math.isfinite(loss) or not grads_finite(params)
+        if self.info.world > 1:
+            flag = torch.tensor([float(bad)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if not bad:
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.skipped += 1
+        if self.in_row > self.skip_limit:
+            raise AytError(self._stop_message(step, loss))
+        warnings.warn(f"step {step}: non-finite loss or gradients (loss {loss}); step skipped "
+                      f"({self.in_row} in a row, train.skip_nonfinite={self.skip_limit})", stacklevel=2)
+        return False
+
+    def _stop_message(self, step: int, loss: float) -> str:
+        what = f"the loss is {loss}" if not math.isfinite(loss) else "the gradients hold NaN or inf"
+        if step == self.first_step:
+            return (f"{what} at step {step}, the first of this session, before any weight update, so the learning "
+                    "rate is not the cause: check the starting weights (objective.init), the data and the network "
+                    "settings; nothing was saved")
+        row = f" for {self.in_row} steps in a row (train.skip_nonfinite={self.skip_limit})" if self.skip_limit else ""
+        return (f"{what} at step {step}{row}; the step was not applied and nothing non-finite was saved (the latest "
+                "checkpoint is intact); lower optim.lr, set optim.grad_clip, or skip such steps with "
+                "train.skip_nonfinite=N, then resume with --resume RUN_DIR")
+
+
+@torch.no_grad()
+def grads_finite(params: Iterable[nn.Parameter]) -> bool:
+    """Whether every gradient is free of NaN and inf (one reduction over all of them)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def wrap_ddp(net: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:

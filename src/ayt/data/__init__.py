@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from ayt.data import cifar10, digits, folder, npz, shapes
 from ayt.data.base import ImageDataset
+from ayt.config import DATASETS
 from ayt.errors import AytError
 
-DATASETS = ("shapes", "digits", "cifar10", "folder", "npz")
 
 __all__ = ["DATASETS", "ImageDataset", "build_dataset"]
 

@@ -50,7 +50,8 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = _BatchUnpickler(f, encoding="bytes").load()
         data, labels = batch[b"data"], np.asarray(batch[b"labels"], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
-        raise AytError(f"cifar10: cannot read {path} ({e}); re-download it with "
+        reason = " ".join(str(e).split())  # one line
+        raise AytError(f"cifar10: cannot read {path} ({reason}); re-download it with "
                        "download=True or replace the file") from e
     check(isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
           and data.shape[1] == 3072 and labels.shape == (data.shape[0],),

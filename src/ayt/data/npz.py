@@ -21,16 +21,32 @@ from ayt.data.base import ImageDataset, check_channels, subset_indices, uint8_to
 from ayt.errors import AytError, check
 
 
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # the first bytes of a zip archive, which numpy.savez writes
+
+
+def read_npz(path: Path, fix: str) -> dict[str, np.ndarray]:
+    """Every array of the .npz archive at `path`, never unpickling anything (object arrays are
+    refused); AytError naming the problem and `fix` for anything else."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    check(head in ZIP_MAGIC, f"{path} is not an .npz archive (numpy.savez writes one; this file starts with {head!r}); {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except ValueError as e:
+        if "pickle" in str(e) or "Object arrays" in str(e):
+            raise AytError(f"untrusted or corrupted file: {path} holds pickled object arrays, which ayt never loads; {fix}") from None
+        raise AytError(f"cannot read {path} ({e}); {fix}") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise AytError(f"cannot read {path} ({e}); {fix}") from None
+
+
 def read_arrays(root: str | None) -> tuple[np.ndarray, np.ndarray | None, Path]:
     """Load (images, labels or None, path) from the .npz at `root`; no pickles allowed."""
     check(root is not None, "npz: no file given; set data.root to the path of a .npz file")
     path = Path(root).expanduser()
     check(path.is_file(), f"npz: {path} does not exist; set data.root to the path of a .npz file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise AytError(f"npz: cannot read {path} ({e}); save it with numpy.savez") from e
+    arrays = read_npz(path, "save the images with numpy.savez")
     if "images" in arrays:
         key = "images"
     else:

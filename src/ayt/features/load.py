@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ayt.checkpoint import check_compatible, load_checkpoint
+from ayt.checkpoint import check_compatible, check_finite, load_checkpoint, require_keys
 from ayt.errors import AytError, check
 from ayt.features.nets import FeatureNet, build_feature_net, freeze
 from ayt.features.reference import is_reference_file, load_reference_net
@@ -31,6 +31,7 @@ def check_feature_state(state: dict[str, Any], path: str, resolution: int | None
     kind = state.get("kind")
     check(kind == FEATURES_KIND, f"{path} is not a feature-network checkpoint (it holds a {kind!r} run); "
           "pass the run folder written by 'ayt train-features'")
+    require_keys(state, ("in_channels", "resolution", "arch", "target_dim"), path)
     hint = _retrain_hint(resolution)
     saved_c, saved_r = state["in_channels"], state["resolution"]
     check(channels is None or channels == saved_c,
@@ -66,6 +67,7 @@ def load_feature_net(
         width=state.get("width") or 32,
     )
     check_compatible(ckpt.modules[FEATURES_MODULE], net, str(ckpt.path))
+    check_finite(ckpt.modules[FEATURES_MODULE], ckpt.path)
     net.load_state_dict(ckpt.modules[FEATURES_MODULE])
     freeze(net)
     return net

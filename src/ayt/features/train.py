@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ayt.build import build_data
-from ayt.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from ayt.checkpoint import check_compatible, require_keys, save_checkpoint
 from ayt.config import Config, save_config
 from ayt.data import ImageDataset
 from ayt.errors import check
@@ -43,13 +43,16 @@ from ayt.features.nets import build_feature_net
 from ayt.runlog import Progress, RunLogger
 from ayt.runtime import (
     BatchStream,
+    FiniteGuard,
     barrier,
+    claim_run_dir,
+    check_run_dir,
     finish_distributed,
     init_distributed,
     lr_at,
     make_optimizer,
     no_sync,
-    prepare_run_dir,
+    resume_checkpoint,
     resolve_device,
     wrap_ddp,
 )
@@ -167,17 +170,19 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 class FeatureTrainer:
     """One feature-network run; `run()` is the loop. Use `train_features(config)`."""
 
-    def __init__(self, config: Config, resume: bool = False) -> None:
+    def __init__(self, config: Config, resume: bool = False, from_step: int | None = None) -> None:
         self.config = config
         tc, fc = config.train, config.features
         self.info = init_distributed(tc.device)
         self.device = resolve_device(tc.device, self.info)
         check(tc.batch_size % (tc.grad_accum * self.info.world) == 0,
               f"train.batch_size={tc.batch_size} must be divisible by grad_accum x processes = {tc.grad_accum * self.info.world}")
-        self.run_dir = prepare_run_dir(tc.run_dir, resume) if self.info.main else Path(tc.run_dir)
-        barrier(self.info)
+        self.run_dir, self.lock = Path(tc.run_dir), None
+        if self.info.main:
+            check_run_dir(self.run_dir, resume)
 
-        # Data (training part + fixed held-out part), perturbations, network, optimiser.
+        # Data (training part + fixed held-out part), perturbations, network, optimiser (checked before
+        # the run folder is touched).
         dataset = build_data(config)
         self.train_set, self.heldout_images = split_holdout(dataset, fc.holdout)
         self.perturber = Perturber(fc.subset, fc.p, fc.ramp_steps, fc.aniso_target)
@@ -189,27 +194,40 @@ class FeatureTrainer:
         self.optimizer = make_optimizer(config.optim, self.net.parameters())
         self.step, self.images_seen, self.wall_s = 0, 0, 0.0
         self.heldout: dict[str, Any] = {}
-        if resume:
-            self._restore()
+
+        # The run folder: one writer (a lock the OS frees when this process ends), then the checkpoint.
+        self.lock = claim_run_dir(self.info, config, resume, lambda: self._restore(from_step))
         self.model = wrap_ddp(self.net, self.info, self.device)
         self.stream = BatchStream(self.train_set, tc.seed, self.info)
 
-    def _restore(self) -> None:
-        ckpt = load_checkpoint(self.run_dir, map_location="cpu")
+    def _restore(self, from_step: int | None) -> None:
+        ckpt = resume_checkpoint(self.info, self.run_dir, self.config.train.steps, from_step)
         s = ckpt.state
-        check(s.get("kind") == FEATURES_KIND, f"{ckpt.path} is not a feature-network run; resume it with 'ayt train'")
+        check(s.get("kind") == FEATURES_KIND, f"{ckpt.path} is not a feature-network run; resume it with 'ayt train --resume {self.run_dir}'")
+        require_keys(s, ("images_seen", "wall_s"), ckpt.path)
+        check(FEATURES_MODULE in ckpt.modules, f"{ckpt.path} has no weights '{FEATURES_MODULE}'; pass a run written by 'ayt train-features'")
         check_compatible(ckpt.modules[FEATURES_MODULE], self.net, str(ckpt.path))
         self.net.load_state_dict(ckpt.modules[FEATURES_MODULE])
         self.optimizer.load_state_dict(ckpt.extra["optimizer"])
-        self.step, self.images_seen, self.wall_s = s["step"], s["images_seen"], s["wall_s"]
+        self.step, self.images_seen, self.wall_s = ckpt.step, s["images_seen"], s["wall_s"]
         self.heldout = s.get("heldout") or {}
+
+    def close(self) -> None:
+        """Release the run folder (also done when the process ends, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ---- the loop
     def run(self) -> FeatureRunResult:
+        try:
+            return self._loop()
+        finally:
+            self.close()
+
+    def _loop(self) -> FeatureRunResult:
         tc, info = self.config.train, self.info
         logger = None
         if info.main:
-            save_config(self.config, self.run_dir / "config.yaml")
             lc = self.config.log
             logger = RunLogger(self.run_dir, lc.tensorboard, lc.wandb, lc.wandb_project, self.config.to_dict(), resume_step=self.step)
         progress = Progress(tc.steps, self.step, tc.batch_size, enabled=info.main and self.config.log.progress)
@@ -217,6 +235,7 @@ class FeatureTrainer:
         window: list[float] = []
         last_loss = math.nan
         session_start, session_wall0 = time.perf_counter(), self.wall_s
+        guard = FiniteGuard(tc.skip_nonfinite, info, self.device, self.step)
 
         for step in range(self.step, tc.steps):
             # 1. Regression loss over the micro-batches (data and perturbations keyed by (seed, step)).
@@ -232,11 +251,11 @@ class FeatureTrainer:
                     (loss / tc.grad_accum).backward()
                 step_loss += loss.item() / tc.grad_accum
 
-            # 2. Update the weights (optionally clipped).
-            if self.config.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.optim.grad_clip)
-            self.optimizer.step()
-            check(math.isfinite(step_loss), f"loss became {step_loss} at step {step}; lower optim.lr or set optim.grad_clip")
+            # 2. Update the weights (optionally clipped), only if the loss and gradients are finite.
+            if guard.step_ok(step, step_loss, self.net.parameters()):
+                if self.config.optim.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.optim.grad_clip)
+                self.optimizer.step()
 
             # 3. Book-keeping and maintenance: log, held-out evaluation + checkpoint.
             done = step + 1
@@ -249,6 +268,8 @@ class FeatureTrainer:
             if logger and (done % tc.log_every == 0 or final):
                 metrics = {"loss": sum(window) / len(window), "lr": self.optimizer.param_groups[0]["lr"],
                            "p": self.perturber.probability(step)}
+                if tc.skip_nonfinite:
+                    metrics["skipped_nonfinite"] = guard.skipped
                 logger.log(done, metrics, images_seen=self.images_seen)
                 window.clear()
             if final:
@@ -306,12 +327,14 @@ class FeatureTrainer:
         }
         extra = {"optimizer": self.optimizer.state_dict()}
         save_checkpoint(self.run_dir, step, {FEATURES_MODULE: self.net.state_dict()}, state, extra,
-                        keep=self.config.train.keep_checkpoints)
+                        keep=self.config.train.keep_checkpoints, require_finite=True)
+        save_config(self.config, self.run_dir / "config.yaml")  # the config of the newest checkpoint
 
 
-def train_features(config: Config, resume: bool = False) -> FeatureRunResult:
-    """Train (or resume) the feature network described by `config.features`; returns a summary."""
-    return FeatureTrainer(config, resume).run()
+def train_features(config: Config, resume: bool = False, from_step: int | None = None) -> FeatureRunResult:
+    """Train (or resume) the feature network described by `config.features`; returns a summary.
+    One process at a time may write a run folder; `from_step` resumes from that checkpoint."""
+    return FeatureTrainer(config, resume, from_step).run()
 
 
 # ---------------------------------------------------------------- command line

@@ -59,6 +59,16 @@ def _cell(summary: dict) -> str:
     return f"{summary['mean']:.5g} ± {summary['std']:.2g}"
 
 
+def check_common(args: argparse.Namespace) -> None:
+    """--batch, --device and the input files of `ayt eval` / `ayt fid-stats`, before any work."""
+    from ayt.runtime import check_device
+
+    check(args.batch > 0, f"--batch {args.batch}: the number of images per call must be > 0")
+    check_device(args.device, "--device")
+    for flag, value in (("--inception-weights", args.inception_weights), ("--ref-stats", getattr(args, "ref_stats", None))):
+        check(value is None or Path(value).is_file(), f"{flag} {value}: no such file")
+
+
 # ---------------------------------------------------------------- commands
 def cmd_eval(args: argparse.Namespace) -> int:
     """`ayt eval`: score a checkpoint under each schedule; print a table, optionally write JSON."""
@@ -67,6 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     check(args.num >= 2, f"--num {args.num}: evaluate at least 2 samples")
     check(args.runs >= 1, f"--runs {args.runs}: must be >= 1")
+    check_common(args)
     denoise_sigmas = parse_levels(args.denoise)
     net, config = load_model(args.checkpoint, which=args.weights, device=args.device)
     if config.objective.kind == "edm":
@@ -100,7 +111,10 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
     from ayt.metrics.evaluate import reference_stats
     from ayt.metrics.inception import FEATURE_KIND, PIPELINE, InceptionFeatures
 
-    check(str(args.out).endswith(".npz"), f"--out {args.out}: the statistics file must end in .npz")
+    from ayt.images import check_output_path
+
+    check_common(args)
+    check_output_path(args.out, "--out", (".npz",))
     check(args.keep_features >= 0, f"--keep-features {args.keep_features}: must be >= 0")
     dataset = build_dataset(args.data, root=args.root, resolution=args.resolution, num_samples=args.num_samples,
                             seed=args.seed, split=args.split)
@@ -124,7 +138,7 @@ def _write_json(record: dict, path: Path) -> Path:
 # ---------------------------------------------------------------- parsers
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add `eval` and `fid-stats` to the `ayt` sub-command parsers."""
-    from ayt.data import DATASETS
+    from ayt.config import DATASETS
 
     p = subparsers.add_parser("eval", help="score a checkpoint (shapes manifold metrics, FD-digits or FID)",
                               description="Sample from a checkpoint and score the samples with the dataset's metric "

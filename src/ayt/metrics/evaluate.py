@@ -158,7 +158,7 @@ def reference_stats(features: Callable[[torch.Tensor], torch.Tensor], images: to
     return stats
 
 
-def load_ref_stats(path: str | Path, dim: int = FEATURE_DIM) -> FeatureStats:
+def load_ref_stats(path: str | Path, dim: int | None = FEATURE_DIM) -> FeatureStats:
     """FID reference statistics of `dim`-d Inception features, made the way samples are (see README, FID protocol).
 
     An `ayt fid-stats` file records its network and image pipeline, and another one is refused.
@@ -166,8 +166,8 @@ def load_ref_stats(path: str | Path, dim: int = FEATURE_DIM) -> FeatureStats:
     `mu` and `sigma`: nothing says how they were made, which is warned about once per file.
     """
     stats = FeatureStats.load(path, kind=FEATURE_KIND, pipeline=PIPELINE)
-    check(stats.dim == dim, f"reference statistics {path} hold {stats.dim}-d features but the Inception pool "
-          f"features are {dim}-d; use statistics of the {dim}-d pool features (pytorch-fid: --dims 2048)")
+    if dim is not None:
+        check_ref_dim(stats, dim, path)
     if not stats.kind and str(path) not in _WARNED_UNKNOWN:
         _WARNED_UNKNOWN.add(str(path))
         warnings.warn(f"reference statistics {path} carry no provenance (external mu/sigma file): the FID is "
@@ -175,6 +175,12 @@ def load_ref_stats(path: str | Path, dim: int = FEATURE_DIM) -> FeatureStats:
                       "samples (torch-fidelity inception-v3-compat on uint8 images); see README 'FID protocol', "
                       "or make them with 'ayt fid-stats'", stacklevel=2)
     return stats
+
+
+def check_ref_dim(stats: FeatureStats, dim: int, path: str | Path) -> None:
+    """Reference statistics must be of the features the samples get."""
+    check(stats.dim == dim, f"reference statistics {path} hold {stats.dim}-d features but the Inception pool "
+          f"features are {dim}-d; use statistics of the {dim}-d pool features (pytorch-fid: --dims 2048)")
 
 
 def fid_protocol(ref_stats: str | Path | None) -> dict[str, str | None]:
@@ -208,9 +214,10 @@ def build_scorer(config: Config, metric: str = "auto", *, image_shape: tuple[int
         digits = DigitsFeatures(resolution, device=device)
         names = {"fd": "fd_digits", "kid": "kid_digits"}
         return FeatureScorer(digits, feature_stats(digits.reference("train"), digits.kind, keep=1500), names, seed)
+    stats = load_ref_stats(ref_stats, dim=None) if ref_stats is not None else None  # before the weights: the right error first
     inception = InceptionFeatures(inception_weights, device)
-    if ref_stats is not None:
-        stats = load_ref_stats(ref_stats, inception.dim)
+    if stats is not None:
+        check_ref_dim(stats, inception.dim, ref_stats)
     else:
         data = dataset if dataset is not None else _dataset(config, "FID needs reference statistics: pass --ref-stats STATS.npz (see 'ayt fid-stats')")
         stats = reference_stats(inception, data.images, FEATURE_KIND, seed=seed, pipeline=PIPELINE)

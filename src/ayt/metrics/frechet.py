@@ -26,7 +26,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ayt.errors import AytError, check
+from ayt.data.npz import read_npz
+from ayt.errors import check
 
 #: Default KID subsets and largest subset size (torch-fidelity's and Binkowski et al.'s values).
 KID_SUBSETS = 100
@@ -161,11 +162,7 @@ class FeatureStats:
         """
         path = Path(path)
         check(path.is_file(), f"statistics file {path} does not exist; compute it with 'ayt fid-stats --out {path}'")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                values = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as err:
-            raise AytError(f"cannot read statistics file {path} ({err}); recompute it with 'ayt fid-stats'") from None
+        values = read_npz(path, "recompute the statistics with 'ayt fid-stats'")
         check("mu" in values and "sigma" in values,
               f"statistics file {path} has no 'mu' and 'sigma' arrays (has {sorted(values)}); recompute it with 'ayt fid-stats'")
         stats = cls(values["mu"], values["sigma"], int(values.get("n", 0)), str(values.get("kind", "")),
