@@ -1,5 +1,6 @@
 """ECT and EDM objectives: per-example shapes, the r = 0 target, the shared dropout mask, overfitting."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -119,6 +120,7 @@ def fixed_edm_loss(net: nn.Module, x0: torch.Tensor) -> float:
     return (w * (d - x0).square().flatten(1).mean(1)).mean().item()
 
 
+@pytest.mark.slow  # 68 s on 2 shared cores (2026-11-30): over the ~20 s default-run limit
 def test_tiny_model_overfits_64_shapes_with_edm():
     """The tiny U-Net memorises 64 images: the fixed-noise EDM loss falls at least 4x in 300 steps."""
     net, x0 = tiny_net(channels=32), shapes(64)
