@@ -1,5 +1,6 @@
 """ECT and EDM objectives: per-example shapes, the r = 0 target, the shared dropout mask, overfitting."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -94,9 +95,17 @@ def test_step_random_slices_the_global_batch():
 
 
 def test_edm_loss_shape_and_weighting():
-    net, x0 = tiny_net(), shapes(5)
+    """Per example: lambda(t) * mean (D(x_0 + t eps, t) - x_0)^2 with lambda(t) = (t^2 + sd^2) / (t sd)^2."""
+    net, x0 = tiny_net().eval(), shapes(5)
     loss = EDMObjective()(net, x0, None, 0, StepRandom(torch.Generator().manual_seed(0)))
     assert loss.shape == (5,) and torch.isfinite(loss).all()
+    g = torch.Generator().manual_seed(0)  # replay the objective's draws: n [B], then eps
+    t = (torch.randn(5, generator=g) * 1.2 - 1.2).exp()
+    eps = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        mse = (net(x0 + t.view(-1, 1, 1, 1) * eps, t) - x0).square().flatten(1).mean(1)
+    weight = (t.double() ** 2 + 0.25) / (t.double() * 0.5) ** 2
+    torch.testing.assert_close(loss.detach().double(), weight * mse.double(), rtol=1e-5, atol=0)
 
 
 def fixed_edm_loss(net: nn.Module, x0: torch.Tensor) -> float:
@@ -111,6 +120,7 @@ def fixed_edm_loss(net: nn.Module, x0: torch.Tensor) -> float:
     return (w * (d - x0).square().flatten(1).mean(1)).mean().item()
 
 
+@pytest.mark.slow  # 68 s on 2 shared cores (2026-11-30): over the ~20 s default-run limit
 def test_tiny_model_overfits_64_shapes_with_edm():
     """The tiny U-Net memorises 64 images: the fixed-noise EDM loss falls at least 4x in 300 steps."""
     net, x0 = tiny_net(channels=32), shapes(64)
