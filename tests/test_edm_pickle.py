@@ -337,9 +337,10 @@ def test_real_edm_pickle_converts_and_samples():
         assert abs(n - expected) < 0.01e6, n  # EDM's paper: 55.73M for DDPM++ on CIFAR-10
     z = torch.randn(2, net.img_channels, net.img_resolution, net.img_resolution, generator=torch.Generator().manual_seed(0))
     from ayt.sampling import edm_heun_sample
+    from ayt.schedules import karras_sigmas
 
     with torch.no_grad():
-        x = edm_heun_sample(net, z * 80, 4, None, 0.002, 80.0)
+        x = edm_heun_sample(net, z * 80, karras_sigmas(4, 0.002, 80.0))
     assert torch.isfinite(x).all() and x.abs().max() < 3
 
 

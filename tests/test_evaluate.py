@@ -16,7 +16,8 @@ from ayt.data import build_dataset
 from ayt.errors import AytError
 from ayt.metrics import classifier, evaluate, inception
 from ayt.metrics.commands import add_parsers
-from ayt.metrics.evaluate import build_evaluator, evaluate_model, evaluate_runs, generate
+from ayt.metrics.evaluate import build_evaluator, evaluate_model, evaluate_runs
+from ayt.sampling import schedule_for, stream
 from ayt.metrics.frechet import FeatureStats
 
 SMALL_NET = {"model_channels": 16}
@@ -52,9 +53,10 @@ class FakeInception:
 
 def test_generate_streams_batches_deterministically():
     net, config = make("shapes", 8, 3)
-    batches = list(generate(net, config, 10, "2", batch=4, seed=3))
+    schedule = schedule_for(config, "2")
+    batches = list(stream(net, schedule, 10, batch=4, seed=3))
     assert [len(b) for b in batches] == [4, 4, 2] and batches[0].shape[1:] == (3, 8, 8)
-    torch.testing.assert_close(torch.cat(batches), torch.cat(list(generate(net, config, 10, "2", batch=10, seed=3))))
+    torch.testing.assert_close(torch.cat(batches), torch.cat(list(stream(net, schedule, 10, batch=10, seed=3))))
 
 
 def test_shapes_end_to_end_with_denoising():

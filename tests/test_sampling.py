@@ -8,6 +8,7 @@ from torch import nn
 
 from ayt.errors import AytError
 from ayt.sampling import DEFAULT_T_MID, consistency_sample, edm_heun_sample, parse_sigmas
+from ayt.schedules import karras_sigmas
 
 
 class Recorder(nn.Module):
@@ -50,7 +51,7 @@ def test_edm_heun_recovers_a_point_mass():
         def forward(self, x, t, labels=None):
             return c.expand_as(x)
 
-    out = edm_heun_sample(PointMass(), torch.randn(4, 1, 2, 2), num_steps=10)
+    out = edm_heun_sample(PointMass(), torch.randn(4, 1, 2, 2), karras_sigmas(10))
     assert torch.allclose(out, c.expand(4, 1, 2, 2), atol=1e-5)
 
 
@@ -62,7 +63,7 @@ def test_edm_heun_on_gaussian_data_keeps_the_variance():
         def forward(self, x, t, labels=None):
             return x * s**2 / (s**2 + t.view(-1, 1, 1, 1) ** 2)
 
-    out = edm_heun_sample(Gaussian(), torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(0)), num_steps=32)
+    out = edm_heun_sample(Gaussian(), torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(0)), karras_sigmas(32))
     assert out.std().item() == pytest.approx(s, rel=0.05)
 
 

@@ -74,7 +74,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from ayt.build import load_model
     from ayt.images import save_grid, save_npz
-    from ayt.sampling import consistency_sample, edm_heun_sample, parse_sigmas
+    from ayt.sampling import schedule_for, stream
 
     from ayt.images import check_output_path
     from ayt.runtime import check_device
@@ -90,22 +90,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     net, config = load_model(args.checkpoint, which=args.weights, device=args.device)
     device_type = torch.device(args.device).type
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    generator = torch.Generator().manual_seed(args.seed)
-    shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    chunks = []
-    for start in range(0, args.num, args.batch):
-        z = torch.randn((min(args.batch, args.num - start), *shape), generator=generator).to(args.device)
-        labels = None
-        if net.label_dim:
-            labels = torch.randint(0, net.label_dim, (len(z),), generator=generator).to(args.device)
-        with autocast:
-            if config.objective.kind == "edm":
-                x = edm_heun_sample(net, z, args.heun_steps, labels, config.network.sigma_min, config.network.sigma_max)
-            else:
-                x = consistency_sample(net, z, parse_sigmas(args.steps, config.network.sigma_max), labels, generator,
-                                       config.network.sigma_min)
-        chunks.append(x.float().cpu())
-    images = torch.cat(chunks)
+    schedule = schedule_for(config, args.steps, args.heun_steps)
+    with autocast:
+        batches = stream(net, schedule, args.num, args.batch, args.seed, args.device, bool(net.label_dim))
+        images = torch.cat([x.float().cpu() for x in batches])
     if args.out:
         print(f"wrote {save_grid(images[: args.grid_max], args.out)}")
     if args.npz:

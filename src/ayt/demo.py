@@ -24,7 +24,7 @@ from ayt.checkpoint import find_latest, load_checkpoint
 from ayt.config import Config, config_from_dict
 from ayt.images import save_grid
 from ayt.report import write_report
-from ayt.sampling import DEFAULT_T_MID, consistency_sample
+from ayt.sampling import schedule_for, stream
 from ayt.features.train import train_features
 from ayt.train import train
 
@@ -115,11 +115,10 @@ def run_stage(config: Config, trainer: Callable[..., object] = train, what: str 
 def write_grids(run_dir: Path, out: Path, n: int = 64, seed: int = 0) -> dict[str, Path]:
     """1-step and 2-step sample grids of a consistency run's EMA model."""
     net, config = load_model(run_dir)
-    z = torch.randn((n, net.img_channels, net.img_resolution, net.img_resolution), generator=torch.Generator().manual_seed(seed))
     paths = {}
-    for name, sigmas in {"1-step": [config.network.sigma_max], "2-step": [config.network.sigma_max, DEFAULT_T_MID]}.items():
-        images = consistency_sample(net, z, sigmas, generator=torch.Generator().manual_seed(seed + 1))
-        paths[name] = save_grid(images, out / f"{run_dir.name}-{name}.png")
+    for steps in ("1", "2"):
+        images = torch.cat(list(stream(net, schedule_for(config, steps), n, batch=n, seed=seed)))
+        paths[f"{steps}-step"] = save_grid(images, out / f"{run_dir.name}-{steps}-step.png")
     return paths
 
 

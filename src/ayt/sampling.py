@@ -1,21 +1,31 @@
 """Stateless samplers (method.md section 1; EDM Heun from Karras et al. 2022, algorithm 1).
 
-All samplers take the network, the initial standard-normal noise `z` [B, C, H, W] and an
-optional `torch.Generator` for the noise added between steps, and return images in about [-1, 1].
+Every sampler has one signature, schedule in, images out:
+`sampler(net, z, sigmas, labels=None, generator=None, sigma_min=0.002) -> [B, C, H, W]`, with
+`z` standard-normal noise [B, C, H, W], `sigmas` the decreasing noise levels and `generator`
+the noise added between steps. `Schedule` names a sampler and its levels (`schedule_for` builds
+the one of a run's config); `generate` runs a schedule on given noise, `stream` draws the noise
+(and labels) from a seed and yields batches. Training grids, `ayt sample`, evaluation and the
+demo all sample through `generate` / `stream`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from ayt.errors import check
+from ayt.errors import AytError, check
 from ayt.schedules import karras_sigmas
 
+if TYPE_CHECKING:
+    from ayt.config import Config
+
 DEFAULT_T_MID = 0.821  # ECT's CIFAR-10 intermediate level for 2-step sampling
+HEUN_STEPS = 18  # EDM's Heun steps for CIFAR-10 (35 network calls)
 
 
 def _levels(z: torch.Tensor, t: float) -> torch.Tensor:
@@ -62,14 +72,15 @@ def consistency_sample(
 def edm_heun_sample(
     net: nn.Module,
     z: torch.Tensor,
-    num_steps: int = 18,
+    sigmas: Sequence[float],
     labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
 ) -> torch.Tensor:
-    """Deterministic EDM Heun sampler for a diffusion denoiser `D(x, t)` (2 * num_steps - 1 calls)."""
-    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho) + [0.0]
+    """Deterministic EDM Heun sampler for a diffusion denoiser `D(x, t)` from `sigmas[0]` to 0
+    (`2 len(sigmas) - 1` calls; `sigmas` = `karras_sigmas(n)`). `generator` and `sigma_min` are
+    unused (deterministic; the grid holds sigma_min); they keep the samplers' one signature."""
+    sigmas = [*sigmas, 0.0]
     x = z * sigmas[0]
     for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
         d_cur = (x - net(x, _levels(z, t_cur), labels)) / t_cur
@@ -94,5 +105,55 @@ def parse_sigmas(spec: str | Sequence[float], sigma_max: float = 80.0) -> list[f
     try:
         return [float(s) for s in spec.split(",")]
     except ValueError:
-        check(False, f"bad sampling schedule '{spec}'; use 1, 2 or a comma list like 80,0.821")
-        raise  # unreachable, keeps type checkers happy
+        raise AytError(f"bad sampling schedule '{spec}'; use 1, 2 or a comma list like 80,0.821") from None
+
+
+# ---------------------------------------------------------------- the one entry point
+Sampler = Callable[..., torch.Tensor]  # (net, z, sigmas, labels, generator, sigma_min) -> images
+SAMPLERS: dict[str, Sampler] = {"consistency": consistency_sample, "heun": edm_heun_sample}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A sampler (a key of `SAMPLERS`) and its decreasing noise levels."""
+
+    sampler: str
+    sigmas: tuple[float, ...]
+    sigma_min: float = 0.002
+
+
+def schedule_for(config: Config, steps: str | Sequence[float] = "1", heun_steps: int = HEUN_STEPS) -> Schedule:
+    """The schedule of a run: EDM Heun on `karras_sigmas(heun_steps)` for a diffusion model
+    (`objective.kind` edm, `steps` ignored), else consistency sampling on `parse_sigmas(steps)`."""
+    nc = config.network
+    if config.objective.kind == "edm":
+        return Schedule("heun", tuple(karras_sigmas(heun_steps, nc.sigma_min, nc.sigma_max)), nc.sigma_min)
+    return Schedule("consistency", tuple(parse_sigmas(steps, nc.sigma_max)), nc.sigma_min)
+
+
+def generate(net: nn.Module, z: torch.Tensor, schedule: Schedule, labels: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images [B, C, H, W] from the noise `z` [B, C, H, W] by `schedule`."""
+    return SAMPLERS[schedule.sampler](net, z, schedule.sigmas, labels, generator, schedule.sigma_min)
+
+
+@torch.no_grad()
+def stream(net: nn.Module, schedule: Schedule, n: int, batch: int = 256, seed: int = 0,
+           device: str | torch.device = "cpu", conditional: bool = False) -> Iterator[torch.Tensor]:
+    """Stream `n` samples in batches `[<= batch, C, H, W]` on `device`.
+
+    The noise `z` (and the class labels of a conditional net) come from a CPU generator seeded
+    with `seed`, so they do not depend on the device or the batch size; the noise between the
+    steps of a multistep schedule from a generator on `device` seeded with `seed + 1`.
+    """
+    check(n > 0 and batch > 0, f"need n > 0 and batch > 0 to sample, got {n} and {batch}")
+    generator = torch.Generator().manual_seed(seed)
+    step_noise = torch.Generator(device).manual_seed(seed + 1)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    label_dim = getattr(net, "label_dim", 0)
+    for start in range(0, n, batch):
+        z = torch.randn((min(batch, n - start), *shape), generator=generator).to(device)
+        labels = None
+        if conditional and label_dim:
+            labels = torch.randint(0, label_dim, (len(z),), generator=generator).to(device)
+        yield generate(net, z, schedule, labels, step_noise)

@@ -43,7 +43,7 @@ from ayt.runtime import (
     wrap_ddp,
 )
 from ayt.runlog import Progress, RunLogger, better_is_higher
-from ayt.sampling import consistency_sample, edm_heun_sample, parse_sigmas
+from ayt.sampling import generate, schedule_for
 
 Evaluator = Callable[[nn.Module, int], dict[str, float]]  # (EMA model, step) -> metrics
 
@@ -293,11 +293,8 @@ class Trainer:
         labels = None
         if self.config.network.conditional:
             labels = torch.arange(len(z), device=self.device) % self.dataset.num_classes
-        if self.config.objective.kind == "edm":
-            images = edm_heun_sample(ema, z, 18, labels, self.config.network.sigma_min, self.config.network.sigma_max)
-        else:
-            sigmas = parse_sigmas(self.config.train.sample_sigmas, self.config.network.sigma_max)
-            images = consistency_sample(ema, z, sigmas, labels, torch.Generator(self.device).manual_seed(1), self.config.network.sigma_min)
+        schedule = schedule_for(self.config, self.config.train.sample_sigmas)
+        images = generate(ema, z, schedule, labels, torch.Generator(self.device).manual_seed(1))
         out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
         path = save_grid(images, out / f"step-{step:09d}.png")

@@ -37,7 +37,7 @@ from ayt.metrics.classifier import DigitsFeatures, stats_distance
 from ayt.metrics.frechet import FeatureStats, feature_stats, kid, precision_recall, read_provenance
 from ayt.metrics.inception import FEATURE_DIM, FEATURE_KIND, NETWORK, PIPELINE, InceptionFeatures
 from ayt.metrics.manifold import manifold_metrics
-from ayt.sampling import consistency_sample, edm_heun_sample, parse_sigmas
+from ayt.sampling import HEUN_STEPS, schedule_for, stream
 
 METRICS = ("auto", "manifold", "fd_digits", "fid", "none")
 REFERENCE_FEATURES = 10000  # reference features kept for KID and precision / recall
@@ -54,37 +54,6 @@ def resolve_metric(metric: str, data_name: str) -> str:
 
 
 # ---------------------------------------------------------------- sample streams
-def _labels(net: nn.Module, n: int, generator: torch.Generator, conditional: bool) -> torch.Tensor | None:
-    label_dim = getattr(net, "label_dim", 0)
-    return torch.randint(0, label_dim, (n,), generator=generator) if conditional and label_dim else None
-
-
-@torch.no_grad()
-def generate(net: nn.Module, config: Config, n: int, sigmas: str | Sequence[float] = "1", batch: int = 256,
-             seed: int = 0, device: str | torch.device = "cpu", heun_steps: int = 18) -> Iterator[torch.Tensor]:
-    """Stream `n` samples in batches `[<= batch, C, H, W]` on `device`.
-
-    Consistency models (`objective.kind` ect) use `consistency_sample` with the schedule
-    `sigmas` ("1", "2" or a comma list); diffusion models (edm) use `edm_heun_sample` with
-    `heun_steps` and ignore `sigmas`. The noise (and class labels of a conditional net) come
-    from a CPU generator seeded with `seed`, so results do not depend on the batch device.
-    """
-    check(n > 0 and batch > 0, f"generate: need n > 0 and batch > 0, got {n} and {batch}")
-    nc = config.network
-    schedule = parse_sigmas(sigmas, nc.sigma_max)
-    generator = torch.Generator().manual_seed(seed)
-    step_noise = torch.Generator(device).manual_seed(seed + 1)
-    shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    for start in range(0, n, batch):
-        z = torch.randn((min(batch, n - start), *shape), generator=generator).to(device)
-        labels = _labels(net, len(z), generator, nc.conditional)
-        labels = None if labels is None else labels.to(device)
-        if config.objective.kind == "edm":
-            yield edm_heun_sample(net, z, heun_steps, labels, nc.sigma_min, nc.sigma_max)
-        else:
-            yield consistency_sample(net, z, schedule, labels, step_noise, nc.sigma_min)
-
-
 @torch.no_grad()
 def denoise(net: nn.Module, dataset: ImageDataset, n: int, sigma: float, batch: int = 256, seed: int = 0,
             device: str | torch.device = "cpu", conditional: bool = False) -> Iterator[torch.Tensor]:
@@ -242,13 +211,15 @@ def _score_model(net: nn.Module, config: Config, scorer: Scorer, *, num_samples:
     was_training = net.training
     net.eval()
     try:
-        out = scorer(generate(net, config, num_samples, sigmas, batch, seed, device, heun_steps))
+        samples = stream(net, schedule_for(config, sigmas, heun_steps), num_samples, batch, seed, device,
+                         config.network.conditional)
+        out = scorer(samples)
         primary = next(iter(out))
         if denoise_sigmas:
             data = dataset if dataset is not None else _dataset(config, "denoising metrics need the training images")
             for sigma in denoise_sigmas:
-                stream = denoise(net, data, num_samples, sigma, batch, seed, device, config.network.conditional)
-                out[f"{primary}_denoise_{sigma:g}"] = scorer(stream)[primary]
+                noised = denoise(net, data, num_samples, sigma, batch, seed, device, config.network.conditional)
+                out[f"{primary}_denoise_{sigma:g}"] = scorer(noised)[primary]
     finally:
         net.train(was_training)
     return out
@@ -258,7 +229,7 @@ def evaluate_model(net: nn.Module, config: Config, *, metric: str = "auto", num_
                    sigmas: str | Sequence[float] = "1", seed: int = 0, device: str | torch.device = "cpu",
                    inception_weights: str | Path | None = None, ref_stats: str | Path | None = None,
                    denoise_sigmas: Sequence[float] = (), dataset: ImageDataset | None = None,
-                   batch: int = 256, heun_steps: int = 18) -> dict[str, float]:
+                   batch: int = 256, heun_steps: int = HEUN_STEPS) -> dict[str, float]:
     """Score `num_samples` samples of `net` (keys: see the module doc; first = primary, lower is better).
 
     `sigmas`: consistency schedule ("1", "2", comma list); `heun_steps` for EDM models.
@@ -274,7 +245,7 @@ def evaluate_runs(net: nn.Module, config: Config, *, runs: int = 3, metric: str 
                   sigmas: str | Sequence[float] = "1", seed: int = 0, device: str | torch.device = "cpu",
                   inception_weights: str | Path | None = None, ref_stats: str | Path | None = None,
                   denoise_sigmas: Sequence[float] = (), dataset: ImageDataset | None = None,
-                  batch: int = 256, heun_steps: int = 18) -> dict[str, dict]:
+                  batch: int = 256, heun_steps: int = HEUN_STEPS) -> dict[str, dict]:
     """`runs` independent evaluations (seeds `seed .. seed + runs - 1`) against one reference.
 
     Returns `{key: {"mean", "std", "min", "max", "values"}}` in the order of `evaluate_model`'s keys.
@@ -315,7 +286,7 @@ def build_evaluator(config: Config, dataset: ImageDataset, device: str | torch.d
 
     def evaluator(net: nn.Module, step: int) -> dict[str, float]:
         return _score_model(net, config, scorer, num_samples=ec.num_samples, sigmas=ec.sigmas,
-                            seed=config.train.seed, device=device, batch=256, heun_steps=18,
+                            seed=config.train.seed, device=device, batch=256, heun_steps=HEUN_STEPS,
                             denoise_sigmas=denoise_sigmas, dataset=dataset)
 
     return evaluator
