@@ -194,7 +194,7 @@ def run_init(kind: str, dataset: str, run_dir: str, steps: int, extra: tuple[str
 
             train(config, resume=_has_checkpoint(run))
         else:
-            from ayt.features.train import train_features
+            from ayt.train import train_features
 
             train_features(config, resume=_has_checkpoint(run))
     state = load_checkpoint(run).state

@@ -266,15 +266,15 @@ class _Poison(torch.autograd.Function):
 
 def poisoned(trainer: Trainer, steps: set[int], where: str) -> Trainer:
     """Make the loss (where='loss') or only the gradients (where='grad') non-finite at `steps`."""
-    objective = trainer.objective
+    task_loss = trainer.task.loss
 
-    def wrapped(model, x0, labels, step, rng):
-        loss = objective(model, x0, labels, step, rng)
+    def wrapped(model, batch, step, rng):
+        loss = task_loss(model, batch, step, rng)
         if step in steps:
             return loss * float("nan") if where == "loss" else _Poison.apply(loss, float("inf"))
         return loss
 
-    trainer.objective = wrapped
+    trainer.task.loss = wrapped
     return trainer
 
 
@@ -433,8 +433,8 @@ def counting(*a, **k):
     calls["n"] += 1
     return real_save(*a, **k)
 c.save_checkpoint = counting
-import ayt.features.train, ayt.train
-ayt.train.save_checkpoint = ayt.features.train.save_checkpoint = counting
+import ayt.train
+ayt.train.save_checkpoint = counting
 
 if phase == "temp-folder":        # the temp folder exists, no file written yet
     before("save_file")

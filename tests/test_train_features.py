@@ -14,7 +14,7 @@ from ayt.errors import AytError
 from ayt.features import FeatureNet
 from ayt.features.load import load_feature_net
 from ayt.cli import main
-from ayt.features.train import train_features
+from ayt.train import train_features
 from ayt.losses import build_distance
 from ayt.runlog import read_log
 

@@ -59,7 +59,7 @@ def cmd_train_features(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(config.to_yaml(), end="")
         return 0
-    from ayt.features.train import train_features
+    from ayt.train import train_features
 
     result = train_features(config, resume=bool(args.resume), from_step=args.from_checkpoint)
     groups = result.heldout.get("groups", {})

@@ -25,8 +25,7 @@ from ayt.config import Config, config_from_dict
 from ayt.images import save_grid
 from ayt.report import write_report
 from ayt.sampling import schedule_for, stream
-from ayt.features.train import train_features
-from ayt.train import train
+from ayt.train import train, train_features
 
 
 @dataclass

@@ -20,15 +20,21 @@ class StepRandom:
         rank, world: this process's slice of the global batch.
     """
 
-    def __init__(self, generator: torch.Generator | None = None, rank: int = 0, world: int = 1):
-        self.generator, self.rank, self.world = generator, rank, world
+    def __init__(self, generator: torch.Generator | None = None, rank: int = 0, world: int = 1, key: int = 0):
+        self.generator, self.rank, self.world, self.key = generator, rank, world, key
 
     @classmethod
     def for_step(cls, seed: int, step: int, micro: int, device: torch.device, rank: int = 0, world: int = 1) -> "StepRandom":
         """The draws of micro-batch `micro` of training step `step` (seeded, device-side)."""
+        key = (seed * 1_000_003 + step) * 1_009 + micro
         generator = torch.Generator(device=device)
-        generator.manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
-        return cls(generator, rank, world)
+        generator.manual_seed(key)
+        return cls(generator, rank, world, key)
+
+    def rank_generator(self) -> torch.Generator:
+        """A CPU generator of this rank alone, seeded by (seed, step, micro-batch, rank): for draws
+        that each rank makes for its own images (the perturbations of feature training)."""
+        return torch.Generator().manual_seed(self.key * 997 + self.rank)
 
     def _slice(self, full: torch.Tensor, local: int) -> torch.Tensor:
         return full[self.rank * local : (self.rank + 1) * local]

@@ -1,10 +1,14 @@
-"""The training loop shared by every objective (EDM pretraining, ECT, ECT + AYT).
+"""The one training engine, shared by every task: EDM pretraining, ECT, ECT + AYT, continuous-time
+CT/CD (`ObjectiveTask`) and the MFD feature network (`ayt.features.train.FeatureTask`).
 
-`train(config)` reads top to bottom: set up processes and the run folder, build data / network /
-objective, restore a checkpoint when resuming, then loop: fetch the batch of this step, compute
-the loss, update weights, update the EMAs, and do maintenance (log, sample grids, evaluation,
-checkpoints). Data order and noise are pure functions of `(seed, step)`, so a resumed run is
-bitwise identical to an uninterrupted one on CPU and the noise does not depend on the world size.
+A task supplies what differs: its training images and network, `loss(model, batch, step, rng)`
+-> per-example values [B], and hooks for maintenance (evaluation, sample grids), logging and the
+JSON state of its checkpoints. The engine (`Trainer`) does the rest the same way for all: set up
+processes and the run folder, restore a checkpoint when resuming, then loop: `step()` (learning
+rate, micro-batches with DDP and autocast, finiteness check, clipping, optimiser, EMAs), then
+maintenance (log, the task's hook, checkpoints). Data order and noise are pure functions of
+`(seed, step)`, so a resumed run is bitwise identical to an uninterrupted one on CPU and the noise
+does not depend on the world size.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ayt.build import build_data, build_net, build_objective, load_model
-from ayt.checkpoint import check_compatible, check_finite, require_keys, save_checkpoint
+from ayt.checkpoint import Checkpoint, check_compatible, check_finite, require_keys, save_checkpoint
 from ayt.config import Config, save_config
+from ayt.data import ImageDataset
 from ayt.errors import AytError, check
+from ayt.features.train import FeatureRunResult, FeatureTask
 from ayt.nets.edm_pickle import is_edm_pickle
 from ayt.images import save_grid
 from ayt.rng import StepRandom
@@ -46,6 +52,7 @@ from ayt.runlog import Progress, RunLogger, better_is_higher
 from ayt.sampling import generate, schedule_for
 
 Evaluator = Callable[[nn.Module, int], dict[str, float]]  # (EMA model, step) -> metrics
+Batch = tuple[Tensor, Tensor]  # images [B, C, H, W] in [-1, 1], labels [B] (-1 if none)
 
 
 # ---------------------------------------------------------------- EMA
@@ -110,12 +117,51 @@ def _init_from(net: nn.Module, path: str, resolution: int, channels: int) -> Non
     net.load_state_dict(source.state_dict())
 
 
+# ---------------------------------------------------------------- tasks
+class Task:
+    """What one kind of run trains; the engine (`Trainer`) does everything else.
+
+    Attributes: `kind` (the checkpoint's "kind"), `dataset` (training images), `net` (the trained
+    network, built on the CPU), `module` (its name in checkpoints), `emas` (whether the engine keeps
+    EMAs of it, `train.ema_decays`).
+    """
+
+    kind: str
+    dataset: ImageDataset
+    net: nn.Module
+    module: str = "net"
+    emas: bool = True
+
+    def loss(self, model: nn.Module, batch: Batch, step: int, rng: StepRandom) -> Tensor:
+        """Per-example loss [B] of `batch` (this rank's share) at training step `step`."""
+        raise NotImplementedError
+
+    def check_checkpoint(self, ckpt: Checkpoint, run_dir: Path) -> None:
+        """Raise AytError unless `ckpt` was written by this kind of task (before it is loaded)."""
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back the task's part of a checkpoint's JSON state."""
+
+    def state(self) -> dict[str, Any]:
+        """The task's part of a checkpoint's JSON state."""
+        return {}
+
+    def log_scalars(self, step: int) -> dict[str, float]:
+        """Extra values logged with the loss at training step `step`."""
+        return {}
+
+    def maintain(self, engine: Trainer, done: int, final: bool, logger: RunLogger | None) -> None:
+        """After `done` steps, on every rank, before the checkpoint of that step (if any)."""
+
+
+# ---------------------------------------------------------------- the engine
 class Trainer:
-    """Holds one run's objects; `run()` is the loop. Use `train(config)` unless you extend it."""
+    """Holds one run's objects; `step()` is one optimiser step, `run()` the loop. Use `train(config)`
+    or `train_features(config)` unless you extend it; `task` builds the task (default: `ObjectiveTask`)."""
 
     def __init__(self, config: Config, resume: bool = False, evaluator: Evaluator | None = None,
-                 from_step: int | None = None):
-        self.config, self.evaluator = config, evaluator
+                 from_step: int | None = None, task: Callable[..., Task] | None = None):
+        self.config = config
         tc = config.train
         self.info = init_distributed(tc.device)
         self.device = resolve_device(tc.device, self.info)
@@ -129,36 +175,20 @@ class Trainer:
         if self.info.main:
             check_run_dir(self.run_dir, resume)
 
-        # Data, network, EMAs, objective, optimiser (all checked before the run folder is touched).
-        self.dataset = build_data(config)
-        self.data_info = {
-            "name": self.dataset.name,
-            "resolution": self.dataset.resolution,
-            "channels": self.dataset.channels,
-            "num_classes": self.dataset.num_classes,
-        }
-        torch.manual_seed(tc.seed)  # the initial weights (identical on every rank)
-        self.net = build_net(config, self.dataset.resolution, self.dataset.channels, self.dataset.num_classes)
-        if config.objective.init and not resume:
-            _init_from(self.net, config.objective.init, self.dataset.resolution, self.dataset.channels)
+        # Task (data, network, loss), EMAs, optimiser (all checked before the run folder is touched).
+        make_task = task or ObjectiveTask
+        self.task = make_task(config, device=self.device, main=self.info.main, resume=resume, evaluator=evaluator)
+        self.dataset, self.net = self.task.dataset, self.task.net
         self.net.to(self.device).train()
-        self.emas = [make_ema(self.net) for _ in tc.ema_decays]
-        self.objective = build_objective(config, self.dataset.resolution, self.dataset.channels).to(self.device)
+        self.emas = [make_ema(self.net) for _ in tc.ema_decays] if self.task.emas else []
         self.optimizer = make_optimizer(config.optim, self.net.parameters())
         self.state = RunState()
-        if self.evaluator is None and config.eval.every and self.info.main:
-            from ayt.metrics.evaluate import build_evaluator
-
-            self.evaluator = build_evaluator(config, self.dataset, self.device)
 
         # The run folder: one writer (a lock the OS frees when this process ends), then the checkpoint.
         self.lock = claim_run_dir(self.info, config, resume, lambda: self._restore(from_step))
         self.model = self._wrap(self.net)
         self.stream = BatchStream(self.dataset, tc.seed, self.info)
-        self.grid_noise = torch.randn(
-            (tc.grid_size, self.dataset.channels, self.dataset.resolution, self.dataset.resolution),
-            generator=torch.Generator().manual_seed(tc.seed + 12345),
-        )
+        self.guard = FiniteGuard(tc.skip_nonfinite, self.info, self.device, self.state.step)
 
     # ---- set-up helpers
     def _wrap(self, net: nn.Module) -> nn.Module:
@@ -168,26 +198,56 @@ class Trainer:
 
     def _restore(self, from_step: int | None) -> None:
         ckpt = resume_checkpoint(self.info, self.run_dir, self.config.train.steps, from_step)
+        self.task.check_checkpoint(ckpt, self.run_dir)
         require_keys(ckpt.state, ("kind", "images_seen", "wall_s"), ckpt.path)
-        check(ckpt.state["kind"] != "features", f"{self.run_dir} is a feature-network run; "
-              f"resume it with 'ayt train-features --resume {self.run_dir}'")
-        check("net" in ckpt.modules, f"{ckpt.path} has no weights 'net'; pass a run written by 'ayt train'")
-        check_compatible(ckpt.modules["net"], self.net, str(ckpt.path))
+        name = self.task.module
+        check(name in ckpt.modules, f"{ckpt.path} has no weights '{name}'; pass a run written by "
+              f"'ayt {'train-features' if self.task.kind == 'features' else 'train'}'")
+        check_compatible(ckpt.modules[name], self.net, str(ckpt.path))
         for weights in ckpt.modules.values():
             check_finite(weights, ckpt.path)
-        self.net.load_state_dict(ckpt.modules["net"])
+        self.net.load_state_dict(ckpt.modules[name])
         for i, ema in enumerate(self.emas):
-            name = _ema_name(i)
-            check(name in ckpt.modules, f"{ckpt.path} has no weights '{name}'; keep train.ema_decays as in the run's config.yaml")
-            ema.load_state_dict(ckpt.modules[name])
+            ema_name = _ema_name(i)
+            check(ema_name in ckpt.modules, f"{ckpt.path} has no weights '{ema_name}'; keep train.ema_decays as in the run's config.yaml")
+            ema.load_state_dict(ckpt.modules[ema_name])
         self.optimizer.load_state_dict(ckpt.extra["optimizer"])
         s = ckpt.state
         self.state = RunState(ckpt.step, s["images_seen"], s["wall_s"], s.get("metrics", []), s.get("best"))
+        self.task.restore(s)
 
     def close(self) -> None:
         """Release the run folder (also done when the process ends, however it ends)."""
         if self.lock is not None:
             self.lock.release()
+
+    # ---- one step
+    def step(self, step: int) -> float:
+        """Training step `step`: the loss over its micro-batches (data and noise keyed by (seed, step)),
+        then, only if the loss and gradients are finite, the (optionally clipped) optimiser step and the
+        EMAs (otherwise the step is skipped, or training stops: see `train.skip_nonfinite`).
+        Returns the step's mean loss."""
+        tc, info = self.config.train, self.info
+        micro_global = tc.batch_size // tc.grad_accum
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.config.optim.lr, self.config.optim.warmup_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(tc.grad_accum):
+            batch = self.stream.batch((step * tc.grad_accum + micro) * micro_global, micro_global, self.device)
+            rng = StepRandom.for_step(tc.seed, step, micro, self.device, info.rank, info.world)
+            with no_sync(self.model, micro < tc.grad_accum - 1), self._autocast():
+                loss = self.task.loss(self.model, batch, step, rng).mean()
+            (loss / tc.grad_accum).backward()
+            step_loss += loss.item() / tc.grad_accum
+
+        if self.guard.step_ok(step, step_loss, self.net.parameters()):
+            if self.config.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.optim.grad_clip)
+            self.optimizer.step()
+            for ema, decay in zip(self.emas, tc.ema_decays):
+                update_ema(ema, self.net, decay)
+        return step_loss
 
     # ---- the loop
     def run(self) -> RunResult:
@@ -203,36 +263,15 @@ class Trainer:
             lc = self.config.log
             logger = RunLogger(self.run_dir, lc.tensorboard, lc.wandb, lc.wandb_project, self.config.to_dict(), resume_step=self.state.step)
         progress = Progress(tc.steps, self.state.step, tc.batch_size, enabled=info.main and self.config.log.progress)
-        micro_global = tc.batch_size // tc.grad_accum
         window: list[float] = []
         last_loss = math.nan
         session_start, session_wall0 = time.perf_counter(), self.state.wall_s
-        guard = FiniteGuard(tc.skip_nonfinite, info, self.device, self.state.step)
 
         for step in range(self.state.step, tc.steps):
-            # 1. Loss over the micro-batches of this step (noise and data keyed by (seed, step)).
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(step, self.config.optim.lr, self.config.optim.warmup_steps)
-            self.optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(tc.grad_accum):
-                x0, labels = self.stream.batch((step * tc.grad_accum + micro) * micro_global, micro_global, self.device)
-                rng = StepRandom.for_step(tc.seed, step, micro, self.device, info.rank, info.world)
-                with no_sync(self.model, micro < tc.grad_accum - 1), self._autocast():
-                    loss = self.objective(self.model, x0, labels if self.config.network.conditional else None, step, rng).mean()
-                (loss / tc.grad_accum).backward()
-                step_loss += loss.item() / tc.grad_accum
+            # 1. Loss, update, EMAs.
+            step_loss = self.step(step)
 
-            # 2. Update weights (optionally clipped), then the EMAs -- only if the loss and gradients are
-            #    finite (otherwise the step is skipped, or training stops: see train.skip_nonfinite).
-            if guard.step_ok(step, step_loss, self.net.parameters()):
-                if self.config.optim.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.optim.grad_clip)
-                self.optimizer.step()
-                for ema, decay in zip(self.emas, tc.ema_decays):
-                    update_ema(ema, self.net, decay)
-
-            # 3. Book-keeping and maintenance (rank 0 logs, evaluates, samples and writes).
+            # 2. Book-keeping and maintenance (rank 0 logs and writes; the task evaluates, samples, ...).
             done = step + 1
             self.state.step, self.state.images_seen = done, done * tc.batch_size
             self.state.wall_s = session_wall0 + time.perf_counter() - session_start
@@ -241,14 +280,11 @@ class Trainer:
             progress.update(done, step_loss)
             final = done == tc.steps
             if logger and (done % tc.log_every == 0 or final):
-                skipped = {"skipped_nonfinite": guard.skipped} if tc.skip_nonfinite else {}
-                logger.log(done, {"loss": sum(window) / len(window), "lr": self.optimizer.param_groups[0]["lr"], **skipped},
-                           **self._compute())
+                skipped = {"skipped_nonfinite": self.guard.skipped} if tc.skip_nonfinite else {}
+                logger.log(done, {"loss": sum(window) / len(window), "lr": self.optimizer.param_groups[0]["lr"],
+                                  **self.task.log_scalars(step), **skipped}, **self.compute_info())
                 window.clear()
-            if info.main and self.evaluator and self._evaluate_now(done, final):
-                self._evaluate(done, logger)
-            if info.main and ((tc.sample_every and done % tc.sample_every == 0) or final):
-                self.sample_grid(done)
+            self.task.maintain(self, done, final, logger)
             if done % tc.checkpoint_every == 0 or final:
                 self.save(done)
         progress.close()
@@ -257,61 +293,26 @@ class Trainer:
         finish_distributed(self.info)
         return RunResult(self.run_dir, self.state.step, last_loss, self.state.wall_s, self.state.images_seen)
 
-    def _evaluate_now(self, done: int, final: bool) -> bool:
-        """Every `eval.every` steps, and at the end of a run that is at least `eval.every` steps long
-        (a smoke test with train.steps=2 does not pay for a full evaluation)."""
-        every = self.config.eval.every
-        return bool(every) and (done % every == 0 or (final and done >= every))
-
     def _autocast(self):
         use_bf16 = self.config.train.precision == "bf16" and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    def _compute(self) -> dict:
+    def compute_info(self) -> dict:
+        """Images seen, device and world size, logged with every record."""
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"images_seen": self.state.images_seen, "device": name, "world": self.info.world}
 
-    # ---- maintenance
-    def _evaluate(self, step: int, logger: RunLogger | None) -> None:
-        metrics = self.evaluator(self.emas[0], step)
-        record = {"step": step, "wall_s": round(self.state.wall_s, 3), **self._compute(), **metrics}
-        self.state.metrics.append(record)
-        key, mode = best_metric(self.config, metrics)
-        previous = self.state.best.get(key) if self.state.best else None
-        better = previous is None or (metrics[key] > previous if mode == "max" else metrics[key] < previous)
-        if better:
-            self.state.best = {**record, "best_metric": key, "best_mode": mode}
-            self.save(step, name_suffix="best")
-        if logger:
-            chosen = {"best_by": f"{key} ({mode})", "best_step": self.state.best["step"]}
-            logger.log(step, {f"eval/{k}": v for k, v in metrics.items()}, **self._compute(), **chosen)
-
-    @torch.no_grad()
-    def sample_grid(self, step: int) -> Path:
-        """Write `samples/step-N.png` (and `samples/latest.png`) from fixed noise with the first EMA."""
-        ema, z = self.emas[0], self.grid_noise.to(self.device)
-        labels = None
-        if self.config.network.conditional:
-            labels = torch.arange(len(z), device=self.device) % self.dataset.num_classes
-        schedule = schedule_for(self.config, self.config.train.sample_sigmas)
-        images = generate(ema, z, schedule, labels, torch.Generator(self.device).manual_seed(1))
-        out = self.run_dir / "samples"
-        out.mkdir(exist_ok=True)
-        path = save_grid(images, out / f"step-{step:09d}.png")
-        save_grid(images, out / "latest.png")
-        return path
-
+    # ---- checkpoints
     def save(self, step: int, name_suffix: str | None = None) -> None:
         """Checkpoint the network, EMAs, optimiser and run state (rank 0 writes)."""
         if not self.info.main:
             return
-        modules = {"net": self.net.state_dict()}
+        modules = {self.task.module: self.net.state_dict()}
         modules.update({_ema_name(i): ema.state_dict() for i, ema in enumerate(self.emas)})
         state = {
             "config": self.config.to_dict(),
-            "data_info": self.data_info,
-            "ema_decays": list(self.config.train.ema_decays),
-            "kind": self.config.objective.kind,
+            "kind": self.task.kind,
+            **self.task.state(),
             "step": step,
             "images_seen": self.state.images_seen,
             "wall_s": self.state.wall_s,
@@ -324,6 +325,91 @@ class Trainer:
         save_checkpoint(target, step, modules, state, extra, keep=self.config.train.keep_checkpoints, require_finite=True)
         if name_suffix is None:
             save_config(self.config, self.run_dir / "config.yaml")  # the config of the newest checkpoint
+
+
+# ---------------------------------------------------------------- diffusion and consistency models
+class ObjectiveTask(Task):
+    """A denoiser / consistency model trained by `config.objective` (EDM, ECT, continuous); keeps
+    EMAs, evaluates the first one every `eval.every` steps (the best checkpoint goes to
+    `RUN_DIR/best`) and writes sample grids from fixed noise."""
+
+    def __init__(self, config: Config, device: torch.device, main: bool = True, resume: bool = False,
+                 evaluator: Evaluator | None = None):
+        self.config, self.device, self.evaluator = config, device, evaluator
+        self.kind = config.objective.kind
+        self.dataset = build_data(config)
+        d = self.dataset
+        torch.manual_seed(config.train.seed)  # the initial weights (identical on every rank)
+        self.net = build_net(config, d.resolution, d.channels, d.num_classes)
+        if config.objective.init and not resume:
+            _init_from(self.net, config.objective.init, d.resolution, d.channels)
+        self.objective = build_objective(config, d.resolution, d.channels).to(device)
+        if self.evaluator is None and config.eval.every and main:
+            from ayt.metrics.evaluate import build_evaluator
+
+            self.evaluator = build_evaluator(config, d, device)
+        tc = config.train
+        self.grid_noise = torch.randn((tc.grid_size, d.channels, d.resolution, d.resolution),
+                                      generator=torch.Generator().manual_seed(tc.seed + 12345))
+
+    def loss(self, model: nn.Module, batch: Batch, step: int, rng: StepRandom) -> Tensor:
+        x0, labels = batch
+        return self.objective(model, x0, labels if self.config.network.conditional else None, step, rng)
+
+    def check_checkpoint(self, ckpt: Checkpoint, run_dir: Path) -> None:
+        check(ckpt.state.get("kind") != "features", f"{run_dir} is a feature-network run; "
+              f"resume it with 'ayt train-features --resume {run_dir}'")
+
+    def state(self) -> dict[str, Any]:
+        d = self.dataset
+        return {"data_info": {"name": d.name, "resolution": d.resolution, "channels": d.channels,
+                              "num_classes": d.num_classes},
+                "ema_decays": list(self.config.train.ema_decays)}
+
+    def maintain(self, engine: Trainer, done: int, final: bool, logger: RunLogger | None) -> None:
+        if not engine.info.main:
+            return
+        if self.evaluator and self._evaluate_now(done, final):
+            self._evaluate(engine, done, logger)
+        tc = self.config.train
+        if (tc.sample_every and done % tc.sample_every == 0) or final:
+            self.sample_grid(engine.emas[0], engine.run_dir, done)
+
+    def _evaluate_now(self, done: int, final: bool) -> bool:
+        """Every `eval.every` steps, and at the end of a run that is at least `eval.every` steps long
+        (a smoke test with train.steps=2 does not pay for a full evaluation)."""
+        every = self.config.eval.every
+        return bool(every) and (done % every == 0 or (final and done >= every))
+
+    def _evaluate(self, engine: Trainer, step: int, logger: RunLogger | None) -> None:
+        metrics = self.evaluator(engine.emas[0], step)
+        state = engine.state
+        record = {"step": step, "wall_s": round(state.wall_s, 3), **engine.compute_info(), **metrics}
+        state.metrics.append(record)
+        key, mode = best_metric(self.config, metrics)
+        previous = state.best.get(key) if state.best else None
+        better = previous is None or (metrics[key] > previous if mode == "max" else metrics[key] < previous)
+        if better:
+            state.best = {**record, "best_metric": key, "best_mode": mode}
+            engine.save(step, name_suffix="best")
+        if logger:
+            chosen = {"best_by": f"{key} ({mode})", "best_step": state.best["step"]}
+            logger.log(step, {f"eval/{k}": v for k, v in metrics.items()}, **engine.compute_info(), **chosen)
+
+    @torch.no_grad()
+    def sample_grid(self, ema: nn.Module, run_dir: Path, step: int) -> Path:
+        """Write `samples/step-N.png` (and `samples/latest.png`) from fixed noise with `ema`."""
+        z = self.grid_noise.to(self.device)
+        labels = None
+        if self.config.network.conditional:
+            labels = torch.arange(len(z), device=self.device) % self.dataset.num_classes
+        schedule = schedule_for(self.config, self.config.train.sample_sigmas)
+        images = generate(ema, z, schedule, labels, torch.Generator(self.device).manual_seed(1))
+        out = run_dir / "samples"
+        out.mkdir(exist_ok=True)
+        path = save_grid(images, out / f"step-{step:09d}.png")
+        save_grid(images, out / "latest.png")
+        return path
 
 
 PRINCIPAL_METRICS = {"shapes": "param_fd", "digits": "fd_digits"}  # by data.name; others: fid
@@ -354,3 +440,16 @@ def train(config: Config, resume: bool = False, evaluator: Evaluator | None = No
     `from_step` resumes from that checkpoint instead of the latest (newer ones are set aside).
     """
     return Trainer(config, resume, evaluator, from_step).run()
+
+
+def train_features(config: Config, resume: bool = False, from_step: int | None = None) -> FeatureRunResult:
+    """Train (or resume) the feature network described by `config.features` (method.md section 4);
+    returns a summary with the held-out errors. One process at a time may write a run folder;
+    `from_step` resumes from that checkpoint."""
+
+    def task(config: Config, device: torch.device, **_: Any) -> FeatureTask:
+        return FeatureTask(config, build_data(config), device)
+
+    trainer = Trainer(config, resume, from_step=from_step, task=task)
+    result = trainer.run()
+    return FeatureRunResult(**vars(result), heldout=trainer.task.heldout)

@@ -1,12 +1,13 @@
 """Self-supervised training of the feature network `phi` of MFD (method.md section 4).
 
-`train_features(config)` reads top to bottom: set up processes and the run folder, split off the
-held-out images (the last `features.holdout` images of the dataset, fixed), build the
-perturbations and the network, restore a checkpoint when resuming, then loop: fetch the batch of
-this step, perturb it, regress the perturbation parameters with MSE, update the weights, and do
-maintenance (log, held-out evaluation, checkpoints). Data order (`BatchStream`) and perturbations
-(a generator seeded by `(seed, step, micro-batch, rank)`) are pure functions of the step, so a
-resumed run is bitwise identical to an uninterrupted one on CPU.
+`FeatureTask` is the task that the training engine (`ayt.train.Trainer`, run by
+`ayt.train.train_features(config)`) trains: the held-out images (the last `features.holdout`
+images of the dataset, fixed) are split off, each training batch is perturbed and the network
+regresses the perturbation parameters (per-example MSE). Its hooks re-estimate the BatchNorm
+statistics at the end and evaluate on the held-out images at every checkpoint. Data order and
+perturbations (a CPU generator seeded by `(seed, step, micro-batch, rank)`,
+`StepRandom.rank_generator`) are pure functions of the step, so a resumed run is bitwise
+identical to an uninterrupted one on CPU.
 
 Held-out evaluation (at every checkpoint and at the end): the held-out images are perturbed
 with a fixed seed and probability `max(features.p, 0.5)` (so that about half of the images carry
@@ -20,42 +21,27 @@ They go to the run log (`eval/mse_geometric`, `eval/mse_zero_geometric`,
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ayt.build import build_data
-from ayt.checkpoint import check_compatible, require_keys, save_checkpoint
-from ayt.config import Config, save_config
+from ayt.checkpoint import Checkpoint
+from ayt.config import Config
 from ayt.data import ImageDataset
 from ayt.errors import check
 from ayt.features.augment import TARGET_NAMES, Perturber, perturbation_slices, target_groups
 from ayt.features.load import FEATURES_KIND, FEATURES_MODULE
 from ayt.features.nets import build_feature_net
-from ayt.runlog import Progress, RunLogger
-from ayt.runtime import (
-    BatchStream,
-    FiniteGuard,
-    barrier,
-    claim_run_dir,
-    check_run_dir,
-    finish_distributed,
-    init_distributed,
-    lr_at,
-    make_optimizer,
-    no_sync,
-    resume_checkpoint,
-    resolve_device,
-    wrap_ddp,
-)
+from ayt.rng import StepRandom
+
+if TYPE_CHECKING:
+    from ayt.runlog import RunLogger
+    from ayt.train import Trainer
 
 HELDOUT_FILE = "heldout.json"
 EVAL_P_MIN = 0.5  # held-out perturbation probability is max(features.p, EVAL_P_MIN)
@@ -84,11 +70,6 @@ def split_holdout(dataset: ImageDataset, holdout: int) -> tuple[ImageDataset, Te
     keep = n - holdout
     train = ImageDataset(dataset.name, dataset.images[:keep], dataset.labels[:keep], dataset.num_classes)
     return train, dataset.images[keep:]
-
-
-def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """The CPU generator of the perturbations of one (micro-)batch on one rank."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 997 + rank)
 
 
 @torch.no_grad()
@@ -166,175 +147,70 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------- the trainer
-class FeatureTrainer:
-    """One feature-network run; `run()` is the loop. Use `train_features(config)`."""
+# ---------------------------------------------------------------- the task
+class FeatureTask:
+    """The feature network as a task of the training engine (`ayt.train.Task`): no EMAs, the
+    weights saved as module "features" with the state that rebuilds the network."""
 
-    def __init__(self, config: Config, resume: bool = False, from_step: int | None = None) -> None:
-        self.config = config
-        tc, fc = config.train, config.features
-        self.info = init_distributed(tc.device)
-        self.device = resolve_device(tc.device, self.info)
-        check(tc.batch_size % (tc.grad_accum * self.info.world) == 0,
-              f"train.batch_size={tc.batch_size} must be divisible by grad_accum x processes = {tc.grad_accum * self.info.world}")
-        self.run_dir, self.lock = Path(tc.run_dir), None
-        if self.info.main:
-            check_run_dir(self.run_dir, resume)
+    kind, module, emas = FEATURES_KIND, FEATURES_MODULE, False
 
-        # Data (training part + fixed held-out part), perturbations, network, optimiser (checked before
-        # the run folder is touched).
-        dataset = build_data(config)
-        self.train_set, self.heldout_images = split_holdout(dataset, fc.holdout)
+    def __init__(self, config: Config, dataset: ImageDataset, device: torch.device) -> None:
+        self.config, self.device = config, device
+        fc = config.features
+        self.dataset, self.heldout_images = split_holdout(dataset, fc.holdout)
         self.perturber = Perturber(fc.subset, fc.p, fc.ramp_steps, fc.aniso_target)
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, identical on every rank
-            torch.manual_seed(tc.seed)
+            torch.manual_seed(config.train.seed)
             self.net = build_feature_net(fc.arch, in_channels=dataset.channels, target_dim=self.perturber.target_dim,
                                         resolution=dataset.resolution, width=fc.width)
-        self.net.to(self.device).train()
-        self.optimizer = make_optimizer(config.optim, self.net.parameters())
-        self.step, self.images_seen, self.wall_s = 0, 0, 0.0
         self.heldout: dict[str, Any] = {}
 
-        # The run folder: one writer (a lock the OS frees when this process ends), then the checkpoint.
-        self.lock = claim_run_dir(self.info, config, resume, lambda: self._restore(from_step))
-        self.model = wrap_ddp(self.net, self.info, self.device)
-        self.stream = BatchStream(self.train_set, tc.seed, self.info)
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], step: int, rng: StepRandom) -> Tensor:
+        """Per-example MSE [B] between the predicted and the drawn perturbation parameters."""
+        x, target = self.perturber(batch[0], rng.rank_generator(), step)
+        return (model(x) - target).square().mean(1)
 
-    def _restore(self, from_step: int | None) -> None:
-        ckpt = resume_checkpoint(self.info, self.run_dir, self.config.train.steps, from_step)
-        s = ckpt.state
-        check(s.get("kind") == FEATURES_KIND, f"{ckpt.path} is not a feature-network run; resume it with 'ayt train --resume {self.run_dir}'")
-        require_keys(s, ("images_seen", "wall_s"), ckpt.path)
-        check(FEATURES_MODULE in ckpt.modules, f"{ckpt.path} has no weights '{FEATURES_MODULE}'; pass a run written by 'ayt train-features'")
-        check_compatible(ckpt.modules[FEATURES_MODULE], self.net, str(ckpt.path))
-        self.net.load_state_dict(ckpt.modules[FEATURES_MODULE])
-        self.optimizer.load_state_dict(ckpt.extra["optimizer"])
-        self.step, self.images_seen, self.wall_s = ckpt.step, s["images_seen"], s["wall_s"]
-        self.heldout = s.get("heldout") or {}
+    def check_checkpoint(self, ckpt: Checkpoint, run_dir: Path) -> None:
+        check(ckpt.state.get("kind") == FEATURES_KIND,
+              f"{ckpt.path} is not a feature-network run; resume it with 'ayt train --resume {run_dir}'")
 
-    def close(self) -> None:
-        """Release the run folder (also done when the process ends, however it ends)."""
-        if self.lock is not None:
-            self.lock.release()
+    def restore(self, state: dict[str, Any]) -> None:
+        self.heldout = state.get("heldout") or {}
 
-    # ---- the loop
-    def run(self) -> FeatureRunResult:
-        try:
-            return self._loop()
-        finally:
-            self.close()
+    def state(self) -> dict[str, Any]:
+        """What rebuilds the network (see `load_feature_net`), and the latest held-out errors."""
+        fc, d = self.config.features, self.dataset
+        return {"arch": fc.arch, "in_channels": d.channels, "target_dim": self.perturber.target_dim,
+                "resolution": d.resolution, "subset": fc.subset, "width": fc.width if fc.arch == "tiny_vgg" else None,
+                "target_names": list(TARGET_NAMES[fc.subset]), "data": d.name, "heldout": self.heldout}
 
-    def _loop(self) -> FeatureRunResult:
-        tc, info = self.config.train, self.info
-        logger = None
-        if info.main:
-            lc = self.config.log
-            logger = RunLogger(self.run_dir, lc.tensorboard, lc.wandb, lc.wandb_project, self.config.to_dict(), resume_step=self.step)
-        progress = Progress(tc.steps, self.step, tc.batch_size, enabled=info.main and self.config.log.progress)
-        micro_global = tc.batch_size // tc.grad_accum
-        window: list[float] = []
-        last_loss = math.nan
-        session_start, session_wall0 = time.perf_counter(), self.wall_s
-        guard = FiniteGuard(tc.skip_nonfinite, info, self.device, self.step)
+    def log_scalars(self, step: int) -> dict[str, float]:
+        return {"p": self.perturber.probability(step)}
 
-        for step in range(self.step, tc.steps):
-            # 1. Regression loss over the micro-batches (data and perturbations keyed by (seed, step)).
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(step, self.config.optim.lr, self.config.optim.warmup_steps)
-            self.optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(tc.grad_accum):
-                x0, _ = self.stream.batch((step * tc.grad_accum + micro) * micro_global, micro_global, self.device)
-                x, target = self.perturber(x0, step_generator(tc.seed, step, micro, info.rank), step)
-                with no_sync(self.model, micro < tc.grad_accum - 1):
-                    loss = F.mse_loss(self.model(x), target)
-                    (loss / tc.grad_accum).backward()
-                step_loss += loss.item() / tc.grad_accum
+    def maintain(self, engine: Trainer, done: int, final: bool, logger: RunLogger | None) -> None:
+        """At the end: re-estimate the BatchNorm statistics; at every checkpoint: held-out errors."""
+        tc = self.config.train
+        if final:
+            recalibrate_batchnorm(self.net, self._bn_batches(engine, tc.batch_size // tc.grad_accum))
+        if (done % tc.checkpoint_every == 0 or final) and engine.info.main:
+            self._evaluate(engine, done, logger)
 
-            # 2. Update the weights (optionally clipped), only if the loss and gradients are finite.
-            if guard.step_ok(step, step_loss, self.net.parameters()):
-                if self.config.optim.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.optim.grad_clip)
-                self.optimizer.step()
-
-            # 3. Book-keeping and maintenance: log, held-out evaluation + checkpoint.
-            done = step + 1
-            self.step, self.images_seen = done, done * tc.batch_size
-            self.wall_s = session_wall0 + time.perf_counter() - session_start
-            window.append(step_loss)
-            last_loss = step_loss
-            progress.update(done, step_loss)
-            final = done == tc.steps
-            if logger and (done % tc.log_every == 0 or final):
-                metrics = {"loss": sum(window) / len(window), "lr": self.optimizer.param_groups[0]["lr"],
-                           "p": self.perturber.probability(step)}
-                if tc.skip_nonfinite:
-                    metrics["skipped_nonfinite"] = guard.skipped
-                logger.log(done, metrics, images_seen=self.images_seen)
-                window.clear()
-            if final:
-                recalibrate_batchnorm(self.net, self._bn_batches(micro_global))
-            if done % tc.checkpoint_every == 0 or final:
-                self._evaluate(done, logger)
-                self.save(done)
-        progress.close()
-        if logger:
-            logger.close()
-        finish_distributed(self.info)
-        return FeatureRunResult(self.run_dir, self.step, last_loss, self.wall_s, self.images_seen, self.heldout)
-
-    def _evaluate(self, step: int, logger: RunLogger | None) -> None:
+    def _evaluate(self, engine: Trainer, step: int, logger: RunLogger | None) -> None:
         fc = self.config.features
-        if not self.info.main or len(self.heldout_images) == 0:
+        if len(self.heldout_images) == 0:
             return
         result = evaluate_heldout(self.net, self.heldout_images, fc.subset, fc.p, self.config.train.seed, self.device,
                                   fc.aniso_target)
         self.heldout = {"step": step, **result}
-        _write_json(self.run_dir / HELDOUT_FILE, self.heldout)
+        _write_json(engine.run_dir / HELDOUT_FILE, self.heldout)
         if logger:
-            logger.log(step, heldout_metrics(self.heldout), images_seen=self.images_seen)
+            logger.log(step, heldout_metrics(self.heldout), images_seen=engine.state.images_seen)
 
-    def _bn_batches(self, size: int) -> Iterator[Tensor]:
+    def _bn_batches(self, engine: Trainer, size: int) -> Iterator[Tensor]:
         """Fixed perturbed training batches for `recalibrate_batchnorm` (same on every run)."""
         generator = torch.Generator().manual_seed(self.config.train.seed + EVAL_SEED_OFFSET + 1)
         p = self.perturber.probability(None)
         perturber = Perturber(self.config.features.subset, p, 0, self.config.features.aniso_target)
         for i in range(BN_BATCHES):
-            x0, _ = self.stream.batch(i * size, size, self.device)
+            x0, _ = engine.stream.batch(i * size, size, self.device)
             yield perturber(x0, generator)[0]
-
-    def save(self, step: int) -> None:
-        """Checkpoint the network and optimiser; the state rebuilds the network (see `load_feature_net`)."""
-        if not self.info.main:
-            return
-        fc = self.config.features
-        state = {
-            "kind": FEATURES_KIND,
-            "config": self.config.to_dict(),
-            "arch": fc.arch,
-            "in_channels": self.train_set.channels,
-            "target_dim": self.perturber.target_dim,
-            "resolution": self.train_set.resolution,
-            "subset": fc.subset,
-            "width": fc.width if fc.arch == "tiny_vgg" else None,
-            "target_names": list(TARGET_NAMES[fc.subset]),
-            "data": self.train_set.name,
-            "step": step,
-            "images_seen": self.images_seen,
-            "wall_s": self.wall_s,
-            "heldout": self.heldout,
-            "torch": torch.__version__,
-        }
-        extra = {"optimizer": self.optimizer.state_dict()}
-        save_checkpoint(self.run_dir, step, {FEATURES_MODULE: self.net.state_dict()}, state, extra,
-                        keep=self.config.train.keep_checkpoints, require_finite=True)
-        save_config(self.config, self.run_dir / "config.yaml")  # the config of the newest checkpoint
-
-
-def train_features(config: Config, resume: bool = False, from_step: int | None = None) -> FeatureRunResult:
-    """Train (or resume) the feature network described by `config.features`; returns a summary.
-    One process at a time may write a run folder; `from_step` resumes from that checkpoint."""
-    return FeatureTrainer(config, resume, from_step).run()
-
-
-# ---------------------------------------------------------------- command line
