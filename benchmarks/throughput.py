@@ -187,30 +187,6 @@ def continuous_objective(name: str, spec: dict):
     return ContinuousObjective(MFD(net=build_feature_net(spec["preset"], spec["tiny_width"])) if name == "continuous_mfd" else None)
 
 
-class WholeLoss:
-    """An objective without ECT's draw/loss split in the timing loop: `draw` computes the whole
-    per-example loss (JVP tangent and student forward), so its time lands in the forward phase."""
-
-    def __init__(self, objective) -> None:
-        self.objective = objective
-
-    def to(self, device):
-        self.objective.to(device)
-        return self
-
-    def parameters(self):
-        return self.objective.parameters()
-
-    def buffers(self):
-        return self.objective.buffers()
-
-    def draw(self, model, x0, labels, step, rng):
-        return self.objective(model, x0, labels, step, rng)
-
-    def loss(self, pair, step):
-        return pair
-
-
 def build_net(spec: dict, device):
     """The preset's preconditioned U-Net on `device`, seeded."""
     import torch
@@ -312,8 +288,8 @@ def build_train(spec: dict, device) -> tuple[tuple, list[TrainArm]]:
     shared: dict = {}
     arms = []
     for name in spec["distances"]:
-        if name.startswith("continuous"):
-            arms.append(TrainArm(name, WholeLoss(continuous_objective(name, spec)).to(device)))
+        if name.startswith("continuous"):  # draw: JVP tangent + student forward; loss: the 1/t-weighted MSE
+            arms.append(TrainArm(name, continuous_objective(name, spec).to(device)))
             continue
         distance = build_distance(name, spec["preset"], spec["tiny_width"], spec.get("lpips_weights"), shared)
         objective = ECTObjective(distance, q=256.0, stage_steps=None).to(device)  # the AYT reference stage

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from ayt.errors import AytError, check
 from ayt.losses import build_distance, distance_names
 from ayt.losses.aligned import Aligned
-from ayt.objectives.continuous import FeatureMap, feature_map, quiet_jvp, rms_normalise
+from ayt.objectives.continuous import FeatureMap, conditional_velocity, feature_map, output_tangent, rms_normalise
+from ayt.objectives.ect import consistency_pair
 from ayt.schedules import ect_r_from_t, lognormal_bucket_medians
 
 ALIGNED = "aligned"
@@ -190,12 +191,8 @@ class TangentSet:
 
 def consistency_outputs(net: nn.Module, batch: AnalysisBatch) -> tuple[Tensor, Tensor]:
     """`(f(x_t, t), target)`, both [B, C, H, W], eval mode, no gradients (method.md section 2)."""
-    view = (-1, 1, 1, 1)
     with torch.no_grad(), eval_mode(net):
-        output = net(batch.x_t, batch.t, batch.labels)
-        r_safe = torch.where(batch.r > 0, batch.r, batch.t)  # r = 0 entries are replaced by x0 below
-        target = net(batch.x0 + r_safe.view(view) * batch.eps, r_safe, batch.labels)
-    return output, torch.where((batch.r > 0).view(view), target, batch.x0)
+        return consistency_pair(net, batch.x0, batch.eps, batch.t, batch.r, batch.labels)
 
 
 def discrete_tangent(distance: nn.Module, output: Tensor, target: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -220,11 +217,6 @@ def discrete_tangents(net: nn.Module, batch: AnalysisBatch, distances: Mapping[s
 
 
 # ---------------------------------------------------------------- continuous tangents
-def _ode_direction(batch: AnalysisBatch) -> tuple[Tensor, Tensor]:
-    """`(v, 1)`: `v = (x_t - x_0) / t` [B, C, H, W] (consistency training) and ones [B]."""
-    return (batch.x_t - batch.x0) / batch.t.view(-1, 1, 1, 1), torch.ones_like(batch.t)
-
-
 @dataclass
 class ContinuousTangent:
     """Attributes: `output` [B, C, H, W] `f(x_t, t)`; `velocity` [B, ...] `d/dt` of `f` (or of
@@ -241,13 +233,9 @@ def output_velocity(net: nn.Module, batch: AnalysisBatch, phi: FeatureMap | None
 
     Returns [B, C, H, W] and [B, C, H, W] (pixels) or [B, F] (features). No parameter gradients.
     """
-    def fn(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        f = net(x, t, batch.labels)
-        return (f if phi is None else phi(f)), f
-
-    with torch.no_grad(), eval_mode(net):
-        _, velocity, output = quiet_jvp(fn, (batch.x_t, batch.t), _ode_direction(batch), has_aux=True)
-    return output.detach(), velocity
+    x_t = batch.x_t
+    with eval_mode(net):
+        return output_tangent(net, x_t, batch.t, conditional_velocity(x_t, batch.x0, batch.t), batch.labels, phi)
 
 
 def continuous_tangent(net: nn.Module, batch: AnalysisBatch, phi: FeatureMap | None = None) -> ContinuousTangent:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +81,38 @@ def _unwrap(net: nn.Module) -> nn.Module:
     return getattr(net, "_orig_mod", net)
 
 
+def conditional_velocity(x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+    """`v = (x_t - x_0) / t` [B, C, H, W]: the ODE velocity of consistency training."""
+    return (x_t - x0) / t.view(-1, 1, 1, 1)
+
+
+def output_tangent(net: nn.Module, x_t: Tensor, t: Tensor, v: Tensor, labels: Tensor | None = None,
+                   phi: FeatureMap | None = None) -> tuple[Tensor, Tensor]:
+    """`(f(x_t, t), d phi(f(x_t, t)) / dt)` along `(v, 1)`: one JVP, no gradients, fp32 (pure).
+
+    Returns [B, C, H, W] and [B, C, H, W] (pixels, `phi=None`) or [B, F] (features).
+    """
+    model = _unwrap(net)
+
+    def fn(x: Tensor, level: Tensor) -> tuple[Tensor, Tensor]:
+        f = model(x, level, labels)
+        return (f if phi is None else phi(f)), f
+
+    # fp32 even under the trainer's bf16 autocast: forward-mode AD fails with mixed dtypes
+    with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):
+        _, g, f = quiet_jvp(fn, (x_t, t), (v.to(x_t.dtype), torch.ones_like(t)), has_aux=True)
+    return f.detach(), g
+
+
+@dataclass
+class TangentPair:
+    """One continuous-time draw: the level, the (feature) output with gradient, its target tangent."""
+
+    t: Tensor  # [B] noise level
+    output: Tensor  # [B, C, H, W] f(x_t, t), or [B, F] phi(f), with gradient
+    tangent: Tensor  # same shape: u(d output / dt), no gradient
+
+
 class ContinuousObjective(nn.Module):
     """Continuous-time CT / CD loss; returns per-example values [B].
 
@@ -106,34 +139,38 @@ class ContinuousObjective(nn.Module):
 
     def velocity(self, x_t: Tensor, x0: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         """The ODE velocity `v` [B, C, H, W] at `x_t`: the teacher's, or `(x_t - x_0) / t`."""
-        view = t.view(-1, 1, 1, 1)
         if self.teacher is None:
-            return (x_t - x0) / view
+            return conditional_velocity(x_t, x0, t)
         with torch.no_grad():
-            return (x_t - self.teacher(x_t, t, labels).to(x_t.dtype)) / view
+            return conditional_velocity(x_t, self.teacher(x_t, t, labels).to(x_t.dtype), t)
 
     def tangent(self, net: nn.Module, x_t: Tensor, t: Tensor, v: Tensor, labels: Tensor | None) -> Tensor:
         """`u(d phi(f(x_t, t)) / dt)` along `(v, 1)`, no gradients; [B, C, H, W] or [B, F]."""
-        model = _unwrap(net)
+        return rms_normalise(output_tangent(net, x_t, t, v, labels, self.phi)[1])
 
-        def fn(x: Tensor, level: Tensor) -> Tensor:
-            f = model(x, level, labels)
-            return f if self.phi is None else self.phi(f)
-
-        # fp32 even under the trainer's bf16 autocast: forward-mode AD fails with mixed dtypes
-        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):
-            _, g = quiet_jvp(fn, (x_t, t), (v.to(x_t.dtype), torch.ones_like(t)))
-        return rms_normalise(g)
-
-    def forward(self, net: nn.Module, x0: Tensor, labels: Tensor | None = None, step: int = 0,
-                rng: StepRandom | None = None) -> Tensor:
-        rng = rng or StepRandom()
+    def sample(self, x0: Tensor, rng: StepRandom) -> tuple[Tensor, Tensor]:
+        """The draws of one step: `(t [B] lognormal, eps [B, C, H, W])`."""
         t = lognormal_t(rng.randn((x0.shape[0],), x0.device), self.p_mean, self.p_std)
-        x_t = x0 + t.view(-1, 1, 1, 1) * rng.randn_like(x0)
+        return t, rng.randn_like(x0)
+
+    def draw(self, net: nn.Module, x0: Tensor, labels: Tensor | None = None, step: int = 0,
+             rng: StepRandom | None = None) -> TangentPair:
+        """Sample `(t, eps)`, then the tangent and the student output with one shared dropout mask."""
+        rng = rng or StepRandom()
+        t, eps = self.sample(x0, rng)
+        x_t = x0 + t.view(-1, 1, 1, 1) * eps
         v = self.velocity(x_t, x0, t, labels)
         with shared_dropout(net, rng.seed(), rng.rank):
             u = self.tangent(net, x_t, t, v, labels)
             f = net(x_t, t, labels)
         y = (f if self.phi is None else self.phi(f)).to(u.dtype)  # features may be bf16 under autocast
-        target = (y - u).detach()
-        return 0.5 * (y - target).flatten(1).square().mean(1) / t
+        return TangentPair(t, y, u)
+
+    def loss(self, pair: TangentPair, step: int = 0) -> Tensor:
+        """Per-example `(1/(2t)) mean (phi(f) - stopgrad(phi(f) - u))^2` [B] for a drawn pair."""
+        target = (pair.output - pair.tangent).detach()
+        return 0.5 * (pair.output - target).flatten(1).square().mean(1) / pair.t
+
+    def forward(self, net: nn.Module, x0: Tensor, labels: Tensor | None = None, step: int = 0,
+                rng: StepRandom | None = None) -> Tensor:
+        return self.loss(self.draw(net, x0, labels, step, rng), step)

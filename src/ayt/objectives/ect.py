@@ -38,6 +38,23 @@ class ConsistencyPair:
         return 1.0 / (self.t - self.r)
 
 
+def consistency_pair(
+    net: nn.Module, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+    labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(f(x_0 + t eps, t), stopgrad f(x_0 + r eps, r))` for given draws (pure: draws nothing).
+
+    `x0`, `eps` [B, C, H, W], `t`, `r` [B] with `0 <= r < t`; the target is `x_0` where `r = 0`
+    (method.md section 2). The student keeps its gradient.
+    """
+    view = (-1, 1, 1, 1)
+    student = net(x0 + t.view(view) * eps, t, labels)
+    with torch.no_grad():
+        r_safe = torch.where(r > 0, r, t)  # the r = 0 entries are replaced by x0 below
+        target = net(x0 + r_safe.view(view) * eps, r_safe, labels)
+    return student, torch.where((r > 0).view(view), target, x0).detach()
+
+
 class ECTObjective(nn.Module):
     """ECT consistency loss; returns per-example values [B].
 
@@ -80,21 +97,20 @@ class ECTObjective(nn.Module):
         """The ECT stage at training step `step`."""
         return 0 if self.stage_steps is None else ect_stage(step, self.stage_steps)
 
+    def sample(self, x0: torch.Tensor, step: int, rng: StepRandom) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The draws of one step: `(t [B], r [B], eps [B, C, H, W])`, `t` lognormal, `r` by ECT's mapping."""
+        t = lognormal_t(rng.randn((x0.shape[0],), x0.device), self.p_mean, self.p_std)
+        r = ect_r_from_t(t, self.stage(step), self.q, self.k, self.b)
+        return t, r, rng.randn_like(x0)
+
     def draw(
         self, net: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, step: int, rng: StepRandom | None = None
     ) -> ConsistencyPair:
         """Sample `(t, r, eps)` and evaluate student and target with one shared dropout mask."""
         rng = rng or StepRandom()
-        t = lognormal_t(rng.randn((x0.shape[0],), x0.device), self.p_mean, self.p_std)
-        r = ect_r_from_t(t, self.stage(step), self.q, self.k, self.b)
-        eps = rng.randn_like(x0)
-        view = (-1, 1, 1, 1)
+        t, r, eps = self.sample(x0, step, rng)
         with shared_dropout(net, rng.seed(), rng.rank):
-            student = net(x0 + t.view(view) * eps, t, labels)
-            with torch.no_grad():
-                r_safe = torch.where(r > 0, r, t)  # the r = 0 entries are replaced by x0 below
-                target = net(x0 + r_safe.view(view) * eps, r_safe, labels)
-        target = torch.where((r > 0).view(view), target, x0).detach()
+            student, target = consistency_pair(net, x0, eps, t, r, labels)
         return ConsistencyPair(x0, eps, t, r, student, target)
 
     def forward(
