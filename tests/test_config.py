@@ -108,3 +108,9 @@ def test_section_that_is_not_a_mapping_and_folder_as_config(tmp_path):
         load_config(bad, ["train.steps=3"])
     with pytest.raises(AytError, match="is a folder"):
         load_config(tmp_path)
+
+
+def test_retired_key_of_older_runs_is_ignored():
+    """train.num_workers was validated but never read; the config.yaml of older runs still holds it."""
+    config = config_from_dict({"train": {"num_workers": 4, "steps": 3}})
+    assert config.train.steps == 3 and not hasattr(config.train, "num_workers")

@@ -8,8 +8,8 @@ Layout of one checkpoint (``RUN_DIR/checkpoints/step-000001234/``)::
     weights.safetensors  every model tensor, flattened as "<module>.<key>" (e.g. "net.<k>",
                          "ema_0.9999.<k>"); the metadata holds {module: [keys]} as JSON
     state.json           {"format": 1, "step": int, "state": <the trainer's JSON-able dict>}
-    optim.pt             the `extra` dict (optimiser states, RNG states, sampler state) saved with
-                         torch.save; only tensors, numbers, strings, lists, tuples and dicts
+    optim.pt             the `extra` dict (the optimiser state) saved with torch.save; only
+                         tensors, numbers, strings, lists, tuples and dicts
     COMPLETE             written last: {"step": int, "sha256": {file: hex digest}}
 
 A save writes into ``checkpoints/.tmp-...``, fsyncs, renames the folder into place, then points
@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -33,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -79,16 +77,15 @@ def save_checkpoint(
     state: dict[str, Any],
     extra: dict[str, Any] | None = None,
     keep: int = 3,
-    protect: set[str] | None = None,
     require_finite: bool = False,
 ) -> Path:
     """Write the checkpoint of `step` atomically and return its folder.
 
     `modules` are state dicts of tensors; `state` must be JSON-able (config, step, images_seen,
-    metric history); `extra` holds optimiser states, RNG states (see `capture_rng_state`) and
-    anything else made only of tensors, numbers, strings, lists and dicts. Afterwards only the
-    newest `keep` complete checkpoints remain, plus the folder names in `protect` (e.g. a
-    "best" checkpoint). A same-step checkpoint is replaced safely. On failure nothing already
+    metric history); `extra` holds the optimiser state and anything else made only of tensors,
+    numbers, strings, lists and dicts (no RNG state is needed: training draws are keyed by
+    `(seed, step)`, see `ayt.rng`). Afterwards only the newest `keep` complete checkpoints
+    remain. A same-step checkpoint is replaced safely. On failure nothing already
     on disk changes and the temporary folder is removed; a full disk raises AytError naming the
     checkpoint that is still the good one. With `require_finite`, a NaN or infinite value in any
     floating-point tensor of `modules` raises AytError before anything is written.
@@ -115,7 +112,7 @@ def save_checkpoint(
             raise AytError(f"the disk is full: checkpoint {step_dir_name(step)} could not be written to {root}; "
                            f"{_good_checkpoint(root)}; free some space, then resume") from None
         raise
-    _prune(root, keep, (protect or set()) | {final.name})
+    _prune(root, keep, {final.name})
     return final
 
 
@@ -511,52 +508,6 @@ def _first_mismatch(saved: dict[str, torch.Tensor], expected: dict[str, torch.Te
         if tuple(saved[key].shape) != tuple(value.shape):
             return f"{key!r} has shape {tuple(saved[key].shape)} in the checkpoint, {tuple(value.shape)} in the model"
     return None
-
-
-# ---------------------------------------------------------------------------------- RNG
-
-
-def capture_rng_state(device: str | torch.device | None = None) -> dict[str, Any]:
-    """Snapshot torch CPU (+ CUDA when `device` is CUDA and available), python `random` and numpy's
-    global RNG, as tensors/numbers/lists only so that `torch.load(weights_only=True)` reads it."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch_cpu": torch.get_rng_state(),
-        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-    }
-    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `capture_rng_state` captured (each part only if present)."""
-    if "torch_cpu" in state:
-        torch.set_rng_state(state["torch_cpu"].cpu())
-    if "python" in state:
-        py = state["python"]
-        random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))
-    if "numpy" in state:
-        npy = state["numpy"]
-        keys = npy["keys"].cpu().numpy().astype(np.uint32)
-        np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
-    if "torch_cuda" in state:
-        _restore_cuda_rng(state["torch_cuda"])
-
-
-def _restore_cuda_rng(states: list[torch.Tensor]) -> None:
-    if not torch.cuda.is_available():
-        warnings.warn("the checkpoint holds CUDA RNG states but CUDA is not available; they are not restored",
-                      stacklevel=3)
-        return
-    if len(states) != torch.cuda.device_count():
-        warnings.warn(f"the checkpoint holds {len(states)} CUDA RNG states for {torch.cuda.device_count()} "
-                      "visible GPUs; restoring the first ones only", stacklevel=3)
-    for index, s in enumerate(states[: torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(s.cpu(), index)
 
 
 def load_weights_file(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:

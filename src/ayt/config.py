@@ -137,7 +137,6 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; CUDA only)
     compile: bool = False  # torch.compile the network
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: int = 0  # DataLoader workers
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     sample_every: int = 500  # sample grid PNG every N steps (0 = only at the end)
@@ -281,7 +280,6 @@ def _rules_train(c: TrainConfig) -> None:
     for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "grid_size", "log_every"):
         _positive(getattr(c, key), f"train.{key}")
     _positive(c.sample_every, "train.sample_every", zero=True)
-    _positive(c.num_workers, "train.num_workers", zero=True)
     _positive(c.skip_nonfinite, "train.skip_nonfinite", zero=True)
     check(all(0 < d < 1 for d in c.ema_decays), f"train.ema_decays={c.ema_decays} must lie in (0, 1)")
     _one_of(c.precision, ["fp32", "bf16"], "train.precision")
@@ -380,11 +378,16 @@ def _unknown_key(key: str, valid: list[str]) -> AytError:
     return AytError(f"unknown config key '{key}'{hint}")
 
 
+RETIRED_KEYS = {"train.num_workers"}  # never read; still in the config.yaml of older runs, ignored
+
+
 def _section_from_dict(cls: type, values: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        if f"{prefix}.{key}" in RETIRED_KEYS:
+            continue
         if key not in names:
             raise _unknown_key(f"{prefix}.{key}", names)
         value = _read_floats(value, hints[key])
