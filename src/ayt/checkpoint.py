@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ayt.files import atomic_write
 from ayt.errors import AytError
 
 CHECKPOINTS = "checkpoints"
@@ -238,17 +239,8 @@ def _move_into_place(tmp: Path, final: Path) -> Path:
 
 
 def _write_latest(root: Path, name: str) -> None:
-    """Point ``checkpoints/latest`` at `name` atomically (temp file + os.replace)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-latest-", dir=root)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / LATEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Point ``checkpoints/latest`` at `name` atomically."""
+    atomic_write(root / LATEST, name + "\n")
     _fsync(root)
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from typing import Any, Union
 
 import yaml
 
+from ayt.files import atomic_write
 from ayt.errors import AytError, check
 
 
@@ -464,13 +463,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML, atomically (temp file + os.replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yaml", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(config.to_yaml())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the resolved config as YAML, atomically."""
+    atomic_write(path, config.to_yaml())

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from ayt.files import atomic_write
 from ayt.errors import AytError
 
 LOG_FILE = "log.jsonl"
@@ -160,17 +161,8 @@ def _rewrite_log(path: Path, resume_step: int | None) -> list[dict[str, Any]]:
     kept = [(line, r) for line, r in pairs if resume_step is None or int(r.get("step", 0)) <= resume_step]
     new_text = "".join(line + "\n" for line, _ in kept)
     if new_text != text:
-        _atomic_write(path, new_text)
+        atomic_write(path, new_text)
     return [r for _, r in kept]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _open_tensorboard(run_dir: Path, resume_step: int | None) -> Any:

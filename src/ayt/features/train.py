@@ -21,8 +21,6 @@ They go to the run log (`eval/mse_geometric`, `eval/mse_zero_geometric`,
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -33,6 +31,7 @@ from torch import Tensor, nn
 from ayt.checkpoint import Checkpoint
 from ayt.config import Config
 from ayt.data import ImageDataset
+from ayt.files import atomic_write
 from ayt.errors import check
 from ayt.features.augment import TARGET_NAMES, Perturber, perturbation_slices, target_groups
 from ayt.features.load import FEATURES_KIND, FEATURES_MODULE
@@ -139,14 +138,6 @@ def heldout_metrics(heldout: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file + os.replace)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- the task
 class FeatureTask:
     """The feature network as a task of the training engine (`ayt.train.Task`): no EMAs, the
@@ -202,7 +193,7 @@ class FeatureTask:
         result = evaluate_heldout(self.net, self.heldout_images, fc.subset, fc.p, self.config.train.seed, self.device,
                                   fc.aniso_target)
         self.heldout = {"step": step, **result}
-        _write_json(engine.run_dir / HELDOUT_FILE, self.heldout)
+        atomic_write(engine.run_dir / HELDOUT_FILE, json.dumps(self.heldout, indent=1))
         if logger:
             logger.log(step, heldout_metrics(self.heldout), images_seen=engine.state.images_seen)
 

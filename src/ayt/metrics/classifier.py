@@ -13,7 +13,6 @@ The trained network is cached as `<cache>/digits-classifier-<resolution>.safeten
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ayt.data import build_dataset
+from ayt.files import atomic_file
 from ayt.errors import AytError, check
 from ayt.metrics.frechet import FeatureStats, feature_stats, frechet_distance, kid
 
@@ -116,15 +116,9 @@ def _save(net: DigitsCNN, test_accuracy: float, path: Path) -> None:
     """Atomic safetensors write (temp file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "resolution": str(net.resolution), "test_accuracy": repr(test_accuracy)}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # a shared cache: readable like any other file
-    try:
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, ".safetensors") as tmp:
+        os.chmod(tmp, 0o644)  # a shared cache: readable like any other file
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
 
 
 def _load(path: Path, resolution: int) -> tuple[DigitsCNN, float] | None:

@@ -128,11 +128,10 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
 
 
 def _write_json(record: dict, path: Path) -> Path:
+    from ayt.files import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, json.dumps(record, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------- parsers
