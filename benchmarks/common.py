@@ -112,8 +112,4 @@ def machine_line(info: dict) -> str:
             f"{info['date']}; load average (1/5/15 min) {info['load']}.")
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+from ayt.markdown import markdown_table  # noqa: E402,F401  (the library's one table writer, re-exported)

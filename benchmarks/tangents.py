@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, write_section  # noqa: E402
+from common import machine_info, markdown_table, write_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tangents"
 DISTANCES = "pseudo_huber,mfd:aligned,continuous,continuous:mfd"
@@ -35,23 +35,20 @@ def run_tangents(demo: Path, arm: str, num: int) -> Path:
     return out
 
 
-def row(label: str, values: list[float]) -> str:
-    return f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
-
-
 def summary(results: dict[str, dict]) -> str:
     """Parallel fraction and cosine to the manifold at the last checkpoint of each run."""
     levels = next(iter(results.values()))["levels"]
-    head = "| | " + " | ".join(f"t={t:.3g}" for t in levels) + " |\n|---|" + "---|" * len(levels)
+    header = ["", *(f"t={t:.3g}" for t in levels)]
     lines = []
     for key, title in (("parallel_fraction", "Parallel fraction (share of the squared norm along the manifold)"),
                        ("cosine_to_manifold", "Cosine between the tangent and the direction to the manifold point")):
-        lines += [f"**{title}**, last checkpoint:", "", head]
+        rows = []
         for arm, res in results.items():
             last = res["checkpoints"][-1]
             for dist in ("pseudo_huber", "mfd:aligned"):
-                lines.append(row(f"{dist} tangent, run ect-{arm} (step {last['step']})", last["tangents"][dist][key]))
-        lines.append("")
+                label = f"{dist} tangent, run ect-{arm} (step {last['step']})"
+                rows.append([label, *(f"{v:.3f}" for v in last["tangents"][dist][key])])
+        lines += [f"**{title}**, last checkpoint:", "", markdown_table(header, rows), ""]
     return "\n".join(lines)
 
 

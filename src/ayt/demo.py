@@ -23,6 +23,7 @@ from ayt.build import load_model
 from ayt.checkpoint import find_latest, load_checkpoint
 from ayt.config import Config, config_from_dict
 from ayt.images import save_grid
+from ayt.markdown import markdown_table
 from ayt.report import write_report
 from ayt.sampling import schedule_for, stream
 from ayt.train import train, train_features
@@ -129,12 +130,12 @@ def run_demo(out_dir: str | Path = "runs/demo", size: str = "full", progress: bo
     run_stage(features_config(out, budget, progress), train_features, "feature network")
     tuned = [run_stage(ect_config(out, budget, d, progress), what=f"ect, {d}") for d in ("pseudo_huber", "mfd")]
     report = write_report([edm, *tuned], out, title="ayt demo: EDM pretraining, then ECT tuning with pseudo-Huber vs aligned MFD on shapes 16x16")
-    lines = ["", "## Consistency samples (EMA, fixed noise, same noise for both runs)", ""]
-    lines += ["| run | 1-step | 2-step |", "|---|---|---|"]
+    rows = []
     for run in tuned:
         grids = write_grids(run, out)
-        lines += [f"| {run.name} | ![1-step]({grids['1-step'].name}) | ![2-step]({grids['2-step'].name}) |"]
-    lines += ["", f"Demo wall-clock: {time.perf_counter() - start:.0f} s (`ayt demo --size {size}`)."]
+        rows.append([run.name, f"![1-step]({grids['1-step'].name})", f"![2-step]({grids['2-step'].name})"])
+    lines = ["", "## Consistency samples (EMA, fixed noise, same noise for both runs)", ""]
+    lines += [markdown_table(["run", "1-step", "2-step"], rows), "", f"Demo wall-clock: {time.perf_counter() - start:.0f} s (`ayt demo --size {size}`)."]
     with report.open("a") as f:
         f.write("\n".join(lines) + "\n")
     print(f"[demo] report: {report}")

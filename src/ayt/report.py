@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ayt.errors import check  # noqa: E402
+from ayt.markdown import markdown_table  # noqa: E402
 from ayt.runlog import better_is_higher, read_log  # noqa: E402
 
 
@@ -78,13 +79,10 @@ def summary_rows(logs: dict[str, list[dict]], keys: list[str]) -> list[dict]:
     return rows
 
 
-def markdown_table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        cells = [str(v) if isinstance(v, str) or v is None else _fmt(float(v)) for v in row.values()]
-        lines.append("| " + " | ".join(c if c != "None" else "-" for c in cells) + " |")
-    return "\n".join(lines)
+def summary_table(rows: list[dict]) -> str:
+    """`summary_rows` as markdown (numbers with 3 decimals, '-' for missing)."""
+    cells = [["-" if v is None else v if isinstance(v, str) else _fmt(float(v)) for v in row.values()] for row in rows]
+    return markdown_table(list(rows[0]), cells)
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "ayt report") -> Path:
@@ -96,7 +94,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     out.mkdir(parents=True, exist_ok=True)
     logs = {run_label(r): read_log(r) for r in runs}
     keys = metric_keys(logs)
-    lines = [f"# {title}", "", "## Summary", "", markdown_table(summary_rows(logs, keys)), ""]
+    lines = [f"# {title}", "", "## Summary", "", summary_table(summary_rows(logs, keys)), ""]
     lines += ["Time is training wall-clock (sampling and checkpoints included); images seen = steps x batch.", ""]
     for key in keys:
         name = key.replace("/", "_")

@@ -210,9 +210,10 @@ def _fmt(value: float | None) -> str:
 
 def table(rows: dict[str, list[float]], levels: list[float]) -> list[str]:
     """A markdown table: one row per name, one column per noise level."""
-    lines = ["| | " + " | ".join(f"t={t:.3g}" for t in levels) + " |", "|---|" + "---|" * len(levels)]
-    lines += [f"| {name} | " + " | ".join(_fmt(v) for v in values) + " |" for name, values in rows.items()]
-    return lines + [""]
+    from ayt.markdown import markdown_table
+
+    header = ["", *(f"t={t:.3g}" for t in levels)]
+    return [markdown_table(header, [[name, *map(_fmt, values)] for name, values in rows.items()]), ""]
 
 
 def markdown(report: dict) -> str:

@@ -43,14 +43,13 @@ def parse_levels(text: str | None) -> list[float]:
     return levels
 
 
-def markdown_table(results: dict[str, dict[str, dict]]) -> str:
+def results_table(results: dict[str, dict[str, dict]]) -> str:
     """{schedule: {key: summary}} -> a markdown table, one row per schedule (mean, or mean ± std)."""
+    from ayt.markdown import markdown_table
+
     keys = list(dict.fromkeys(k for row in results.values() for k in row))
-    lines = ["| schedule | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
-    for label, row in results.items():
-        cells = [_cell(row[k]) if k in row else "-" for k in keys]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[label, *(_cell(row[k]) if k in row else "-" for k in keys)] for label, row in results.items()]
+    return markdown_table(["schedule", *keys], rows)
 
 
 def _cell(summary: dict) -> str:
@@ -90,7 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             net, config, runs=args.runs, metric=args.metric, num_samples=args.num, sigmas=sigmas, seed=args.seed,
             device=args.device, inception_weights=args.inception_weights, ref_stats=args.ref_stats,
             denoise_sigmas=denoise_sigmas if i == 0 else (), batch=args.batch, heun_steps=args.heun_steps)
-    print(markdown_table(results))
+    print(results_table(results))
     metric = resolve_metric(args.metric, config.data.name)
     protocol = fid_protocol(args.ref_stats) if metric == "fid" else None
     if protocol:
