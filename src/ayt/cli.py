@@ -12,6 +12,7 @@ import errno
 import sys
 from pathlib import Path
 
+from ayt.cliargs import add_model_args
 from ayt.errors import AytError, check
 
 
@@ -159,14 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder, run folder (its latest checkpoint) or EDM network .pkl")
     p.add_argument("-n", "--num", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--steps", default="1", help="consistency schedule: 1, 2 (80, 0.821) or a comma list of levels")
-    p.add_argument("--heun-steps", type=int, default=18, help="EDM Heun steps for diffusion checkpoints (default 18)")
     p.add_argument("--out", help="PNG grid to write")
     p.add_argument("--grid-max", type=int, default=256, help="at most this many images in the grid (default 256)")
     p.add_argument("--npz", help="npz file for all images (uint8 NHWC, key 'images')")
-    p.add_argument("--weights", default="ema", help="which weights: ema (default), net, or a name such as ema1")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--batch", type=int, default=256, help="images per network call (default 256)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    add_model_args(p)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="fp32 (default) or bf16 autocast for the network (CPU and CUDA; about 1.7x faster on a "
                         "CPU with bf16 matmul, see BENCHMARKS.md)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ayt.cliargs import add_model_args
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `ayt tangents` on the CLI's subparsers; returns the new parser."""
@@ -20,13 +22,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--num", type=int, default=64, help="images in the analysis batch; each is used at every noise level (default 64)")
     p.add_argument("--buckets", type=int, default=6, help="noise levels: medians of this many equal-probability buckets of the training t distribution (default 6)")
     p.add_argument("--stage", type=int, help="ECT stage of the t -> r map (default: the stage the last checkpoint trained at)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the analysis batch and of the manifold fits (default 0)")
     p.add_argument("--all-checkpoints", action="store_true", help="expand each run folder to all its complete checkpoints")
     p.add_argument("--picture-only", action="store_true", help="skip the manifold decomposition (automatic for data without a known manifold)")
     p.add_argument("--picture-images", type=int, default=4, help="images shown in the picture (default 4)")
-    p.add_argument("--weights", default="ema", help="which weights: ema (default), net, or a name such as ema1")
+    add_model_args(p, "seed of the analysis batch and of the manifold fits (default 0)", sampling=False)
     p.add_argument("--out", help="output folder (default RUN_OF_FIRST_CHECKPOINT/tangents)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.set_defaults(func=_run)
     return p
 

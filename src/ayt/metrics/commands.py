@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ayt.cliargs import add_model_args
 from ayt.errors import AytError, check
 
 _FAMILIES = ("auto", "manifold", "fd_digits", "fid")
@@ -146,16 +147,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--num", type=int, default=10000, help="samples per evaluation (default 10000; the paper uses 50000)")
     p.add_argument("--steps", nargs="+", default=["1"], metavar="SCHEDULE",
                    help="consistency schedules, space-separated: 1, 2 (80, 0.821) or a comma list of levels (default 1)")
-    p.add_argument("--heun-steps", type=int, default=18, help="EDM Heun steps for diffusion checkpoints (default 18)")
     p.add_argument("--runs", type=int, default=1, help="independent evaluations with seeds SEED.. (default 1)")
     p.add_argument("--denoise", metavar="LEVELS", help="also score one-step denoising of training images, e.g. 0.2,0.4,0.8")
     p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity Inception weights file (offline use)")
     p.add_argument("--ref-stats", metavar="PATH", help="reference statistics: 'ayt fid-stats' output, or an .npz with mu and "
                    "sigma (pytorch-fid, EDM fid-refs; provenance unknown, warned) (default: computed from the training data)")
-    p.add_argument("--weights", default="ema", help="which weights: ema (default), net, or a name such as ema1")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the first run (default 0)")
-    p.add_argument("--batch", type=int, default=256, help="images per network call (default 256)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    add_model_args(p, "noise seed of the first run (default 0)")
     p.add_argument("--out", metavar="JSON", help="write the results (mean, std, min, max, values per key) here")
     p.set_defaults(func=cmd_eval)
 
