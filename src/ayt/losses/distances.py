@@ -2,8 +2,8 @@
 
 Every distance is an `nn.Module` mapping two image batches `[B, C, H, W]` to per-example values
 of shape `[B]`; only the training loop reduces with `.mean()`. Pixel distances are sums over all
-elements (norms), as in ECT/iCT. Feature distances (LPIPS, MFD) register themselves in the same
-registry from their own modules.
+elements (norms), as in ECT/iCT. `DISTANCES` maps every name to its constructor; the feature
+distances (LPIPS, MFD) are imported from their own modules only when built.
 """
 
 from __future__ import annotations
@@ -17,19 +17,6 @@ from torch import nn
 from ayt.errors import AytError, check
 
 DistanceFactory = Callable[..., nn.Module]
-_REGISTRY: dict[str, DistanceFactory] = {}
-# Feature distances live in their own modules; importing them registers them.
-_LAZY_MODULES = {"lpips": "ayt.losses.lpips", "mfd": "ayt.losses.mfd"}
-
-
-def register_distance(name: str) -> Callable[[DistanceFactory], DistanceFactory]:
-    """Class decorator: make a distance constructible by name through `build_distance`."""
-
-    def decorator(factory: DistanceFactory) -> DistanceFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -42,7 +29,6 @@ def _flat_diff(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x - y).flatten(1)
 
 
-@register_distance("l2")
 class L2(nn.Module):
     """`||x - y||_2` per example (ECT's pseudo-Huber with c = 0)."""
 
@@ -51,7 +37,6 @@ class L2(nn.Module):
         return _flat_diff(x, y).square().sum(1).clamp_min(1e-20).sqrt()
 
 
-@register_distance("squared_l2")
 class SquaredL2(nn.Module):
     """`||x - y||_2^2` per example."""
 
@@ -59,7 +44,6 @@ class SquaredL2(nn.Module):
         return _flat_diff(x, y).square().sum(1)
 
 
-@register_distance("l1")
 class L1(nn.Module):
     """`||x - y||_1` per example."""
 
@@ -67,7 +51,6 @@ class L1(nn.Module):
         return _flat_diff(x, y).abs().sum(1)
 
 
-@register_distance("pseudo_huber")
 class PseudoHuber(nn.Module):
     """`sqrt(||x - y||^2 + c^2) - c` per example (iCT, Song & Dhariwal 2023).
 
@@ -91,20 +74,33 @@ class PseudoHuber(nn.Module):
         return (sq + c * c).sqrt() - c
 
 
+def _lpips(**kwargs) -> nn.Module:
+    from ayt.losses.lpips import LPIPS  # torchvision: imported only when LPIPS is used
+
+    return LPIPS(**kwargs)
+
+
+def _mfd(**kwargs) -> nn.Module:
+    from ayt.losses.mfd import MFD
+
+    return MFD(**kwargs)
+
+
+DISTANCES: dict[str, DistanceFactory] = {
+    "l1": L1, "l2": L2, "squared_l2": SquaredL2, "pseudo_huber": PseudoHuber, "lpips": _lpips, "mfd": _mfd,
+}
+
+
 def distance_names() -> list[str]:
     """All distance names `build_distance` accepts."""
-    return sorted(set(_REGISTRY) | set(_LAZY_MODULES))
+    return sorted(DISTANCES)
 
 
 def build_distance(name: str, **kwargs) -> nn.Module:
     """Construct a distance by name; raises `AytError` on unknown names or options."""
-    if name not in _REGISTRY and name in _LAZY_MODULES:
-        import importlib
-
-        importlib.import_module(_LAZY_MODULES[name])
-    if name not in _REGISTRY:
+    if name not in DISTANCES:
         raise AytError(f"unknown distance '{name}'; choose one of: {', '.join(distance_names())}")
     try:
-        return _REGISTRY[name](**kwargs)
+        return DISTANCES[name](**kwargs)
     except TypeError as err:
         raise AytError(f"bad options for distance '{name}': {err}") from None

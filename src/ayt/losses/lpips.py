@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from ayt.checkpoint import load_weights_file
 from ayt.errors import AytError, check
-from ayt.losses.distances import register_distance
 
 # lpips trunk name -> (torchvision name, weights URL, smallest image side it accepts without upsampling)
 TRUNKS: dict[str, tuple[str, str, int]] = {
@@ -82,7 +81,6 @@ def load_trunk(trunk: nn.Module, sd: dict[str, Tensor], source: str) -> None:
         raise AytError(f"{source} does not fit the LPIPS trunk ({first}); pass the torchvision weights file of this trunk") from None
 
 
-@register_distance("lpips")
 class LPIPS(nn.Module):
     """`LPIPS(x, y) -> [B]` for images x, y [B, C, H, W] in [-1, 1] (C = 1 or 3).
 

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from ayt.errors import AytError, check
 from ayt.features.nets import freeze
-from ayt.losses.distances import register_distance
 
 FORMS = ("reference", "squared")
 
@@ -55,7 +54,6 @@ def pseudo_huber_channel_norms(diff: Tensor, eps: float) -> Tensor:
     return ((flat.square().sum(2) + eps * eps).sqrt() - eps).sum(1)
 
 
-@register_distance("mfd")
 class MFD(nn.Module):
     """`d_phi(x, y) -> [B]` for images x, y [B, C, H, W] (method.md section 4).
 
