@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ayt.cliargs import add_model_args
+from ayt.config import PRECISIONS
 from ayt.errors import AytError, check
 
 
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-max", type=int, default=256, help="at most this many images in the grid (default 256)")
     p.add_argument("--npz", help="npz file for all images (uint8 NHWC, key 'images')")
     add_model_args(p)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default) or bf16 autocast for the network (CPU and CUDA; about 1.7x faster on a "
                         "CPU with bf16 matmul, see BENCHMARKS.md)")
     p.set_defaults(func=cmd_sample)

@@ -26,6 +26,12 @@ from ayt.errors import AytError, check
 
 
 DATASETS = ("shapes", "digits", "cifar10", "folder", "npz")  # see ayt.data.build_dataset
+# The named choices of the config, defined once (the modules that act on them import these).
+OBJECTIVE_KINDS = ("ect", "edm", "continuous")
+FEATURE_ARCHS = ("vgg16_bn", "resnet18", "tiny_vgg")  # see ayt.features.nets.build_feature_net
+OPTIMIZERS = ("radam", "adam")
+PRECISIONS = ("fp32", "bf16")
+METRICS = ("auto", "manifold", "fd_digits", "fid", "none")  # eval.metric; see ayt.metrics.evaluate
 
 
 @dataclass
@@ -237,7 +243,7 @@ def _rules_network(c: NetworkConfig) -> None:
 
 
 def _rules_objective(c: ObjectiveConfig) -> None:
-    _one_of(c.kind, ["ect", "edm", "continuous"], "objective.kind")
+    _one_of(c.kind, list(OBJECTIVE_KINDS), "objective.kind")
     check(c.teacher is None or c.kind == "continuous",
           "objective.teacher is used by continuous-time distillation only; set objective.kind=continuous or drop the teacher")
     _positive(c.p_std, "objective.p_std", allow_none=True)
@@ -257,7 +263,7 @@ def _rules_distance(c: DistanceConfig) -> None:
 
 
 def _rules_features(c: FeaturesConfig) -> None:
-    _one_of(c.arch, ["tiny_vgg", "vgg16_bn", "resnet18"], "features.arch")
+    _one_of(c.arch, list(FEATURE_ARCHS), "features.arch")
     _one_of(c.subset, ["geo", "geo_colour", "geo_degrade", "degrade", "all"], "features.subset")
     _one_of(c.aniso_target, ["paper", "double_angle"], "features.aniso_target")
     check(0 <= c.p <= 1, f"features.p={c.p} must lie in [0, 1]")
@@ -267,7 +273,7 @@ def _rules_features(c: FeaturesConfig) -> None:
 
 
 def _rules_optim(c: OptimConfig) -> None:
-    _one_of(c.name, ["radam", "adam"], "optim.name")
+    _one_of(c.name, list(OPTIMIZERS), "optim.name")
     _positive(c.lr, "optim.lr")
     check(len(c.betas) == 2 and all(0 <= b < 1 for b in c.betas), f"optim.betas={c.betas} must be two values in [0, 1)")
     _positive(c.weight_decay, "optim.weight_decay", zero=True)
@@ -281,14 +287,14 @@ def _rules_train(c: TrainConfig) -> None:
     _positive(c.sample_every, "train.sample_every", zero=True)
     _positive(c.skip_nonfinite, "train.skip_nonfinite", zero=True)
     check(all(0 < d < 1 for d in c.ema_decays), f"train.ema_decays={c.ema_decays} must lie in (0, 1)")
-    _one_of(c.precision, ["fp32", "bf16"], "train.precision")
+    _one_of(c.precision, list(PRECISIONS), "train.precision")
     check(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), f"train.device='{c.device}' must be auto, cpu, cuda or cuda:N")
 
 
 def _rules_eval(c: EvalConfig) -> None:
     _positive(c.every, "eval.every", zero=True)
     _positive(c.num_samples, "eval.num_samples")
-    _one_of(c.metric, ["auto", "manifold", "fd_digits", "fid", "none"], "eval.metric")
+    _one_of(c.metric, list(METRICS), "eval.metric")
     check(all(s > 0 for s in c.denoise_sigmas), f"eval.denoise_sigmas={c.denoise_sigmas} must be > 0")
     _one_of(c.best_mode, ["auto", "min", "max"], "eval.best_mode")
 

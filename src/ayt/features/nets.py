@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ayt.config import FEATURE_ARCHS
 from ayt.errors import AytError, check
 
 VGG16_STAGES: tuple[tuple[int, int], ...] = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # (width, convs)
@@ -138,7 +139,7 @@ class ResNet18(FeatureNet):
         )
 
 
-FEATURE_NETS = ("vgg16_bn", "resnet18", "tiny_vgg")
+FEATURE_NETS = FEATURE_ARCHS
 
 
 def build_feature_net(name: str, *, in_channels: int, target_dim: int, resolution: int, width: int = 32) -> FeatureNet:

@@ -11,7 +11,7 @@ from ayt.lazy import lazy_exports
 # does not load torch.
 __all__, __getattr__ = lazy_exports(__name__, {
     "classifier": ("DigitsFeatures", "digits_metrics", "fd_digits", "load_classifier"),
-    "evaluate": ("METRICS", "build_evaluator", "build_scorer", "evaluate_model", "evaluate_runs", "generate",
+    "evaluate": ("METRICS", "build_evaluator", "build_scorer", "evaluate_model", "evaluate_runs",
                  "resolve_metric"),
     "frechet": ("FeatureStats", "feature_stats", "frechet_distance", "kid", "precision_recall"),
     "inception": ("InceptionFeatures",),

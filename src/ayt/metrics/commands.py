@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 from ayt.cliargs import add_model_args
+from ayt.config import METRICS
 from ayt.errors import AytError, check
 
-_FAMILIES = ("auto", "manifold", "fd_digits", "fid")
 
 
 # ---------------------------------------------------------------- argument parsing helpers
@@ -143,7 +143,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                               description="Sample from a checkpoint and score the samples with the dataset's metric "
                                           "(shapes: manifold_rms ...; digits: fd_digits; others: FID, KID, precision, recall).")
     p.add_argument("checkpoint", help="checkpoint folder, run folder (its latest checkpoint) or EDM network .pkl")
-    p.add_argument("--metric", choices=_FAMILIES, default="auto", help="metric family (default auto: by dataset)")
+    p.add_argument("--metric", choices=[m for m in METRICS if m != "none"], default="auto", help="metric family (default auto: by dataset)")
     p.add_argument("-n", "--num", type=int, default=10000, help="samples per evaluation (default 10000; the paper uses 50000)")
     p.add_argument("--steps", nargs="+", default=["1"], metavar="SCHEDULE",
                    help="consistency schedules, space-separated: 1, 2 (80, 0.821) or a comma list of levels (default 1)")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ayt.config import Config
+from ayt.config import METRICS, Config
 from ayt.data import ImageDataset
 from ayt.errors import AytError, check
 from ayt.metrics.classifier import DigitsFeatures, stats_distance
@@ -39,7 +39,6 @@ from ayt.metrics.inception import FEATURE_DIM, FEATURE_KIND, NETWORK, PIPELINE, 
 from ayt.metrics.manifold import manifold_metrics
 from ayt.sampling import HEUN_STEPS, schedule_for, stream
 
-METRICS = ("auto", "manifold", "fd_digits", "fid", "none")
 REFERENCE_FEATURES = 10000  # reference features kept for KID and precision / recall
 _WARNED_UNKNOWN: set[str] = set()  # reference statistics files already warned about
 Evaluator = Callable[[nn.Module, int], dict[str, float]]
