@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
+from ayt.config import FeaturesConfig
 from ayt.errors import AytError
 from ayt.features.augment import (
     PERTURBATIONS,
     SUBSETS,
     TARGET_NAMES,
-    PerturbationConfig,
     Perturber,
     add_noise,
     adjust_brightness,
@@ -68,7 +68,7 @@ def test_unknown_subset_and_bad_p_raise() -> None:
 
 
 def test_from_config() -> None:
-    p = Perturber.from_config(PerturbationConfig(subset="geo", p=0.3, ramp_steps=10))
+    p = Perturber.from_config(FeaturesConfig(subset="geo", p=0.3, ramp_steps=10))
     assert (p.subset, p.p, p.ramp_steps, p.target_dim) == ("geo", 0.3, 10, 7)
 
 

@@ -42,12 +42,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ayt.errors import AytError, check
+
+if TYPE_CHECKING:
+    from ayt.config import FeaturesConfig
 
 # perturbation name -> (group, names of its target slots), in target order.
 PERTURBATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -227,16 +231,6 @@ def add_noise(x: Tensor, rms: Tensor, noise: Tensor) -> Tensor:
 
 
 @dataclass
-class PerturbationConfig:
-    """Which perturbations, how often, and the warm-up ramp of p (method.md section 4)."""
-
-    subset: str = "all"  # geo | geo_colour | geo_degrade | degrade | all
-    p: float = 0.15  # probability that each perturbation is applied to each image
-    ramp_steps: int = 0  # p ramps linearly from 0 over these training steps (0: no ramp)
-    aniso_target: str = "paper"  # paper: (w cos u, w sin u) | double_angle: (w cos 2u, w sin 2u)
-
-
-@dataclass
 class PerturbationParams:
     """Per-image random draws of one batch.
 
@@ -314,8 +308,8 @@ class Perturber:
         self.groups = SUBSETS[subset]
 
     @classmethod
-    def from_config(cls, cfg: PerturbationConfig) -> Perturber:
-        """Build from a PerturbationConfig."""
+    def from_config(cls, cfg: FeaturesConfig) -> Perturber:
+        """Build from the `features` section of a config (subset, p, ramp_steps, aniso_target)."""
         return cls(cfg.subset, cfg.p, cfg.ramp_steps, cfg.aniso_target)
 
     @property

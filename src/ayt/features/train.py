@@ -149,7 +149,7 @@ class FeatureTask:
         self.config, self.device = config, device
         fc = config.features
         self.dataset, self.heldout_images = split_holdout(dataset, fc.holdout)
-        self.perturber = Perturber(fc.subset, fc.p, fc.ramp_steps, fc.aniso_target)
+        self.perturber = Perturber.from_config(fc)
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, identical on every rank
             torch.manual_seed(config.train.seed)
             self.net = build_feature_net(fc.arch, in_channels=dataset.channels, target_dim=self.perturber.target_dim,
