@@ -232,14 +232,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.config.optim.lr, self.config.optim.warmup_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: one sync per step
         for micro in range(tc.grad_accum):
             batch = self.stream.batch((step * tc.grad_accum + micro) * micro_global, micro_global, self.device)
             rng = StepRandom.for_step(tc.seed, step, micro, self.device, info.rank, info.world)
             with no_sync(self.model, micro < tc.grad_accum - 1), self._autocast():
                 loss = self.task.loss(self.model, batch, step, rng).mean()
             (loss / tc.grad_accum).backward()
-            step_loss += loss.item() / tc.grad_accum
+            total += loss.detach().double() / tc.grad_accum
+        step_loss = total.item()
 
         if self.guard.step_ok(step, step_loss, self.net.parameters()):
             if self.config.optim.grad_clip is not None:
