@@ -73,7 +73,8 @@ def heldout(paths: list[Path], num: int, resolution: int, seed: int) -> dict:
         state = load_checkpoint(path).state
         fc = state["config"]["features"]
         net = load_feature_net(path, resolution=resolution, channels=3)
-        result = evaluate_heldout(net, images, fc["subset"], 0.5, seed, "cpu", fc.get("aniso_target", "paper"))
+        result = evaluate_heldout(net, images, fc["subset"], 0.5, seed, "cpu", fc.get("aniso_target", "paper"),
+                                  fc.get("recipe", "legacy"))  # saved before features.recipe existed: legacy
         out[path.name] = {"subset": fc["subset"], "width": fc.get("width"), "steps": state["step"],
                           "ratio": {k: v["ratio"] for k, v in result["perturbations"].items()}}
     return out

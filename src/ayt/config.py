@@ -101,6 +101,7 @@ class FeaturesConfig:
     p: float = 0.15  # probability of each perturbation
     ramp_steps: int = 0  # linear ramp of p from 0 (reference: 50k)
     aniso_target: str = "paper"  # paper: (w cos u, w sin u) as method.md | double_angle: (w cos 2u, w sin 2u)
+    recipe: str = "reference"  # perturbations as the AYT reference code makes them | legacy (ayt before issue 12)
     holdout: int = 512  # held-out images for the per-group regression error
 
 
@@ -248,6 +249,7 @@ def _rules_features(c: FeaturesConfig) -> None:
     _one_of(c.arch, ["tiny_vgg", "vgg16_bn", "resnet18"], "features.arch")
     _one_of(c.subset, ["geo", "geo_colour", "geo_degrade", "degrade", "all"], "features.subset")
     _one_of(c.aniso_target, ["paper", "double_angle"], "features.aniso_target")
+    _one_of(c.recipe, ["reference", "legacy"], "features.recipe")
     check(0 <= c.p <= 1, f"features.p={c.p} must lie in [0, 1]")
     _positive(c.width, "features.width")
     _positive(c.ramp_steps, "features.ramp_steps", zero=True)

@@ -115,15 +115,16 @@ def recalibrate_batchnorm(net: nn.Module, batches: Iterable[Tensor]) -> None:
 @torch.no_grad()
 def evaluate_heldout(
     net: nn.Module, images: Tensor, subset: str, p: float, seed: int, device: torch.device,
-    aniso_target: str = "paper",
+    aniso_target: str = "paper", recipe: str = "reference",
 ) -> dict[str, Any]:
     """Per-group held-out regression error of `net` (eval mode) on perturbed `images` [N, C, H, W].
 
-    Returns {"p", "images", "groups": {group: {"mse", "mse_zero", "ratio"}}, "perturbations":
-    {name: {...}}}; `ratio` is mse / mse_zero (None where nothing of the group or perturbation
-    was applied, e.g. the colour slots of gray images).
+    Returns {"p", "recipe", "images", "groups": {group: {"mse", "mse_zero", "ratio"}},
+    "perturbations": {name: {...}}, "slots": {target name: {...}}}; `ratio` is mse / mse_zero
+    (None where nothing of the group, perturbation or slot was applied, e.g. the colour slots of
+    gray images).
     """
-    perturber = Perturber(subset, max(p, EVAL_P_MIN), 0, aniso_target)
+    perturber = Perturber(subset, max(p, EVAL_P_MIN), 0, aniso_target, recipe)
     generator = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)
     was_training = net.training
     net.eval()
@@ -142,7 +143,9 @@ def evaluate_heldout(
 
     groups = {group: errors(slots) for group, slots in target_groups(subset).items()}
     perturbations = {name: errors(slots) for name, slots in perturbation_slices(subset).items()}
-    return {"p": perturber.p, "images": len(images), "groups": groups, "perturbations": perturbations}
+    per_slot = {name: errors(slice(i, i + 1)) for i, name in enumerate(TARGET_NAMES[subset])}
+    return {"p": perturber.p, "recipe": recipe, "images": len(images), "groups": groups,
+            "perturbations": perturbations, "slots": per_slot}
 
 
 def heldout_metrics(heldout: dict[str, Any]) -> dict[str, float]:
@@ -180,7 +183,7 @@ class FeatureTrainer:
         # Data (training part + fixed held-out part), perturbations, network, optimiser.
         dataset = build_data(config)
         self.train_set, self.heldout_images = split_holdout(dataset, fc.holdout)
-        self.perturber = Perturber(fc.subset, fc.p, fc.ramp_steps, fc.aniso_target)
+        self.perturber = Perturber(fc.subset, fc.p, fc.ramp_steps, fc.aniso_target, fc.recipe)
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, identical on every rank
             torch.manual_seed(tc.seed)
             self.net = build_feature_net(fc.arch, in_channels=dataset.channels, target_dim=self.perturber.target_dim,
@@ -267,7 +270,7 @@ class FeatureTrainer:
         if not self.info.main or len(self.heldout_images) == 0:
             return
         result = evaluate_heldout(self.net, self.heldout_images, fc.subset, fc.p, self.config.train.seed, self.device,
-                                  fc.aniso_target)
+                                  fc.aniso_target, fc.recipe)
         self.heldout = {"step": step, **result}
         _write_json(self.run_dir / HELDOUT_FILE, self.heldout)
         if logger:
@@ -277,7 +280,8 @@ class FeatureTrainer:
         """Fixed perturbed training batches for `recalibrate_batchnorm` (same on every run)."""
         generator = torch.Generator().manual_seed(self.config.train.seed + EVAL_SEED_OFFSET + 1)
         p = self.perturber.probability(None)
-        perturber = Perturber(self.config.features.subset, p, 0, self.config.features.aniso_target)
+        fc = self.config.features
+        perturber = Perturber(fc.subset, p, 0, fc.aniso_target, fc.recipe)
         for i in range(BN_BATCHES):
             x0, _ = self.stream.batch(i * size, size, self.device)
             yield perturber(x0, generator)[0]
