@@ -63,6 +63,7 @@ class ObjectiveConfig:
     stage_steps: int | None = 25000  # ECT steps per stage; None = fixed stage (AYT reference)
     init: str | None = None  # checkpoint (file or run dir) whose EMA weights initialise the net
     teacher: str | None = None  # continuous only: EDM checkpoint whose EMA is the frozen teacher (distillation)
+    weighting: str = "per_example"  # continuous only: per_example (1/t_i) | batch_mean (mean 1/t, the reference as written)
 
 
 @dataclass
@@ -229,6 +230,9 @@ def _rules_objective(c: ObjectiveConfig) -> None:
     _one_of(c.kind, ["ect", "edm", "continuous"], "objective.kind")
     check(c.teacher is None or c.kind == "continuous",
           "objective.teacher is used by continuous-time distillation only; set objective.kind=continuous or drop the teacher")
+    _one_of(c.weighting, ["per_example", "batch_mean"], "objective.weighting")
+    check(c.weighting == "per_example" or c.kind == "continuous",
+          "objective.weighting applies to objective.kind=continuous only; drop it or set objective.kind=continuous")
     _positive(c.p_std, "objective.p_std", allow_none=True)
     check(c.q > 1, f"objective.q={c.q} must be > 1")
     _positive(c.k, "objective.k", zero=True)
