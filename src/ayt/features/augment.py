@@ -175,7 +175,8 @@ def affine_matrix(
     frame = _rot2d(aniso_angle)
     aniso = frame @ diag @ frame.transpose(-1, -2)
     rot = _rot2d(angle)
-    return scale[:, None, None] * (aniso @ rot if aniso_last else rot @ aniso)
+    first, second = (aniso, rot) if aniso_last else (rot, aniso)
+    return scale[:, None, None] * first @ second
 
 
 def affine_warp(
@@ -194,13 +195,14 @@ def affine_warp(
     b, _, h, w = x.shape
     dt = torch.promote_types(x.dtype, torch.float32)  # the 2x2 inverse needs at least fp32
     m = affine_matrix(*(v.to(device=x.device, dtype=dt) for v in (scale, angle, aniso_scale, aniso_angle)), aniso_last)
-    inv = torch.linalg.inv(m)
     size = torch.tensor([w, h], device=x.device, dtype=dt)
-    offset = -(inv @ (shift.to(device=x.device, dtype=dt) * size)[:, :, None])[:, :, 0]  # pixels
+    shift = shift.to(device=x.device, dtype=dt)
     if resample == "edm_2x":
-        return resample_sym6_2x(x, inv, offset)
-    theta = _normalised_theta(inv, offset, size, size)
-    grid = F.affine_grid(theta.to(x.dtype), [b, 1, h, w], align_corners=False)
+        inv = torch.linalg.inv(m)
+        return resample_sym6_2x(x, inv, -(inv @ (shift * size)[:, :, None])[:, :, 0])
+    inv = torch.linalg.inv(m * size[None, None, :] / size[None, :, None])  # K^-1 M K, K = diag(W, H): [-1, 1] coords
+    theta = torch.cat([inv, -(inv @ (2.0 * shift)[:, :, None])], dim=2).to(x.dtype)  # output -> input coords
+    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
