@@ -143,11 +143,17 @@ ABLATIONS = {
     "continuous-ct-mfd": (("objective.kind=continuous", "distance.name=mfd"), "features"),
     "continuous-cd": (("objective.kind=continuous", "distance.name=l2", "objective.teacher={edm}"), "features"),
     "continuous-cd-mfd": (("objective.kind=continuous", "distance.name=mfd", "objective.teacher={edm}"), "features"),
+    # the reference's continuous loss as written: one weight mean(1/t) for the whole batch (issue 12)
+    "continuous-ct-batchmean": (("objective.kind=continuous", "distance.name=l2", "objective.weighting=batch_mean"), "features"),
+    "continuous-ct-mfd-batchmean": (("objective.kind=continuous", "distance.name=mfd", "objective.weighting=batch_mean"), "features"),
+    # the legacy-recipe feature network (before issue 12) against the reference recipe's `features`
+    "mfd-legacy": (MAIN_DISTANCES["mfd"], "features-legacy"),
 }
 #: Extra feature networks of the ablations: folder -> (steps, overrides).
 FEATURE_VARIANTS = {"features-geo": (1000, ("features.subset=geo",)), "features-4k": (4000, ()),
                     "features-wide": (1000, ("features.width=64",)),
-                    "features-degrade": (1000, ("features.subset=degrade",))}
+                    "features-degrade": (1000, ("features.subset=degrade",)),
+                    "features-legacy": (1000, ("features.recipe=legacy",))}
 
 
 def main_arms(budget: Budget) -> list[Arm]:
