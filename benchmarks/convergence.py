@@ -668,8 +668,8 @@ def late_stability(paths: list[Path], results: dict, ds: str) -> list[str]:
             cells.append(f"{sum(deltas) / len(deltas):+.3g} ({worse} worse)")
         rows.append(cells)
     header = ["arm", "seeds", "evaluations", *[f"change of {k} over the last stage" for k in keys]]
-    return [f"Late stability, {ds}: change over the last evaluation interval (it spans the last ECT stage; "
-            "'worse' counts the seeds that ended worse than they were there):", "", markdown_table(header, rows), ""]
+    return [f"Late stability, {ds}: change over the last evaluation interval (it contains the whole last ECT stage; "
+            "'worse' counts the seeds that ended worse than they were at its start):", "", markdown_table(header, rows), ""]
 
 
 LR_FACTORS = {"": 1, "-lr3x": 3, "-lr10x": 10, "-lr30x": 30}
