@@ -105,7 +105,7 @@ def markdown(rows: dict, nets: dict, command: str, info: dict, num: int, wall: f
         "(as `manifold_rms`). 'RMS left to the manifold' is the per-pixel distance to the fitted rendering; "
         "the off-manifold share divides it by the size of the change (1: the change leaves the manifold "
         "entirely; near 0: it moves along it, to another valid ellipse). The held-out ratio columns are "
-        "mse / mse of predicting zeros for the feature networks of the convergence benchmark, on new "
+        "mse / mse of predicting zeros for the feature networks named in the columns, on new "
         f"images (1 = not learnt). Wall-clock {wall:.0f} s.", "",
         markdown_table(header, table), "",
         "Perturbations with an off-manifold share below 0.3 (mostly on-manifold moves here): "
