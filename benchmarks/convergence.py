@@ -49,6 +49,9 @@ PRIMARY = {"shapes": "manifold_rms", "digits": "fd_digits"}
 SECONDARY = {"shapes": ["param_fd", "coverage"], "digits": []}  # digits: KID only in the noise check
 HIGHER_IS_BETTER = {"coverage"}
 BASELINE = ("pseudo_huber", 64)  # the reference arm: ECT's pseudo-Huber at batch 64
+#: The main arms' learning rate (1x of the sweep), fixed here so that the CPU presets may carry
+#: each distance's best rate; the `-lr3x` / `-lr10x` ablations override it.
+BENCH_LR = 2e-4
 
 
 # ---------------------------------------------------------------- budgets
@@ -140,11 +143,20 @@ ABLATIONS = {
     "continuous-ct-mfd": (("objective.kind=continuous", "distance.name=mfd"), "features"),
     "continuous-cd": (("objective.kind=continuous", "distance.name=l2", "objective.teacher={edm}"), "features"),
     "continuous-cd-mfd": (("objective.kind=continuous", "distance.name=mfd", "objective.teacher={edm}"), "features"),
+    # the reference's continuous loss as written: one weight mean(1/t) for the whole batch (issue 12)
+    "continuous-ct-batchmean": (("objective.kind=continuous", "distance.name=l2", "objective.weighting=batch_mean"), "features"),
+    "continuous-ct-mfd-batchmean": (("objective.kind=continuous", "distance.name=mfd", "objective.weighting=batch_mean"), "features"),
+    # late instability at batch 8 and 10x: the reference's fixed stage (q = 256: w = 1/(t - r) never doubles)
+    "mfd-lr10x-q256": (("distance.name=mfd", "distance.mode=aligned", "optim.lr=0.002", "objective.stage_steps=null",
+                        "objective.q=256"), "features"),
+    # the legacy-recipe feature network (before issue 12) against the reference recipe's `features`
+    "mfd-legacy": (MAIN_DISTANCES["mfd"], "features-legacy"),
 }
 #: Extra feature networks of the ablations: folder -> (steps, overrides).
 FEATURE_VARIANTS = {"features-geo": (1000, ("features.subset=geo",)), "features-4k": (4000, ()),
                     "features-wide": (1000, ("features.width=64",)),
-                    "features-degrade": (1000, ("features.subset=degrade",))}
+                    "features-degrade": (1000, ("features.subset=degrade",)),
+                    "features-legacy": (1000, ("features.recipe=legacy",))}
 
 
 def main_arms(budget: Budget) -> list[Arm]:
@@ -252,7 +264,7 @@ def run_arm(dataset: str, arm: Arm, seed: int, run_dir: str, init_dir: str, feat
                  f"objective.init={init_dir}", f"objective.stage_steps={max(1, total // 4)}",
                  f"distance.features={features_dir}", "train.sample_every=0",
                  f"eval.every={total}", f"eval.num_samples={num_samples}", f"train.ema_decays=[{ema_decay}]",
-                 *(o.replace("{edm}", init_dir) for o in arm.overrides)]
+                 f"optim.lr={BENCH_LR}", *(o.replace("{edm}", init_dir) for o in arm.overrides)]
     start = time.perf_counter()
     evaluator = None
     for k in eval_steps:
@@ -635,6 +647,31 @@ def ablation_table(paths: list[Path], results: dict, summary: dict, ds: str = "s
     return out
 
 
+def late_stability(paths: list[Path], results: dict, ds: str) -> list[str]:
+    """Does any arm get worse over the last ECT stage? Per arm (main and ablations), the change of each
+    metric from the second-to-last to the last evaluation (mean over seeds) and how many seeds got worse."""
+    from common import markdown_table
+
+    saved = {k: v for p in paths if p.is_file() for k, v in json.loads(p.read_text()).items()}
+    runs = [r for r in [*results["arms"].values(), *saved.values()] if r and "arm" in r and r["dataset"] == ds]
+    keys = [PRIMARY[ds], *SECONDARY[ds]]
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["arm"], r["batch"]), []).append(r)
+    rows = []
+    for (arm, batch), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        a, b = rs[0]["curve"][-2]["step"], rs[0]["curve"][-1]["step"]
+        cells = [f"{arm} b{batch}", str(len(rs)), f"{a} -> {b}"]
+        for k in keys:
+            deltas = [r["curve"][-1][k] - r["curve"][-2][k] for r in rs]
+            worse = sum(not _better(r["curve"][-1][k], r["curve"][-2][k], k) for r in rs)
+            cells.append(f"{sum(deltas) / len(deltas):+.3g} ({worse} worse)")
+        rows.append(cells)
+    header = ["arm", "seeds", "evaluations", *[f"change of {k} over the last stage" for k in keys]]
+    return [f"Late stability, {ds}: change over the last evaluation interval (it contains the whole last ECT stage; "
+            "'worse' counts the seeds that ended worse than they were at its start):", "", markdown_table(header, rows), ""]
+
+
 LR_FACTORS = {"": 1, "-lr3x": 3, "-lr10x": 10, "-lr30x": 30}
 
 
@@ -772,7 +809,8 @@ def markdown(results: dict, summary: dict, plots: dict, command: str, notes: str
             "sooner* and *at 1/8 of the batch it matches the baseline*."), "",
            f"Command: `{command}`", "", machine_line(machine_info()), "",
            (f"Budget ({budget['name']}): every arm tunes the same cached EDM model for **{total} ECT steps** "
-            f"(gap halves every {total // 4} steps, lr 2e-4, EMA {budget.get('ema_decay')}, presets `configs/<data>-ect*.yaml`), "
+            f"(gap halves every {total // 4} steps, lr {BENCH_LR:g} for every arm, EMA {budget.get('ema_decay')}, preset `configs/<data>-ect.yaml` "
+            "plus the distance), "
             f"seeds {budget['seeds']}, batches {budget['batches']}; the EMA model's 1-step samples are scored at steps "
             f"{budget['eval_steps']} with {budget['num_samples']} samples (fixed noise per seed). "
             f"{results['workers']} worker processes, 1 torch thread each; the machine was shared with other jobs, so "
@@ -867,7 +905,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise(results)
     (results_dir / f"{prefix}-summary.json").write_text(json.dumps(summary, indent=1))
     plots = {ds: plot(results, ds, results_dir / f"{prefix}-{ds}.png") for ds in summary}
-    command = "python benchmarks/convergence.py" + (" --quick" if args.quick else "") + (f" --write {args.write}" if args.write else "")
+    command = "python benchmarks/convergence.py" + (" --quick" if args.quick else "") + (f" --out {args.out}" if args.out else "")
+    command += f" --write {args.write}" if args.write else ""
     notes_path = Path(args.notes)
     notes = notes_path.read_text() if notes_path.is_file() and not args.quick else None
     target = Path(args.write) if args.write else None
@@ -877,6 +916,7 @@ def main(argv: list[str] | None = None) -> None:
     for ds in summary:
         table = ablation_table(ablation_files, results, summary, ds)
         ablations += [f"#### {ds}", "", *table, "", *lr_sweep(ablation_files, results, summary, ds)] if table else []
+        ablations += late_stability(ablation_files, results, ds)
     long_path = results_dir / "convergence-long.json"
     extra = None
     if budget is FULL and long_path.is_file():

@@ -16,6 +16,7 @@ images (mse / mse of predicting zeros; 1 = nothing learnt).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ DEFAULT_FEATURES = [
 ]
 
 
-def measure(num: int, resolution: int, seed: int) -> dict:
+def measure(num: int, resolution: int, seed: int, recipe: str = "reference") -> dict:
     """Per perturbation: median pixel RMS of the change and of the distance left to the manifold."""
     import torch
 
@@ -43,7 +44,7 @@ def measure(num: int, resolution: int, seed: int) -> dict:
     clean = build_dataset("shapes", resolution=resolution, num_samples=num, seed=seed).images
     fit_gen = lambda: torch.Generator().manual_seed(seed + 1)  # noqa: E731 (same fit starts for every row)
     rows = {"none": {"change": 0.0, "off": float(fit_shapes(clean, generator=fit_gen()).rms.median())}}
-    perturber = Perturber("all", p=1.0)
+    perturber = Perturber("all", p=1.0, recipe=recipe)
     for name in PERTURBATIONS:
         generator = torch.Generator().manual_seed(seed + 2)
         params = perturber.sample_params(num, clean.shape[1], generator=generator)
@@ -73,7 +74,8 @@ def heldout(paths: list[Path], num: int, resolution: int, seed: int) -> dict:
         state = load_checkpoint(path).state
         fc = state["config"]["features"]
         net = load_feature_net(path, resolution=resolution, channels=3)
-        result = evaluate_heldout(net, images, fc["subset"], 0.5, seed, "cpu", fc.get("aniso_target", "paper"))
+        result = evaluate_heldout(net, images, fc["subset"], 0.5, seed, "cpu", fc.get("aniso_target", "paper"),
+                                  fc.get("recipe", "legacy"))  # saved before features.recipe existed: legacy
         out[path.name] = {"subset": fc["subset"], "width": fc.get("width"), "steps": state["step"],
                           "ratio": {k: v["ratio"] for k, v in result["perturbations"].items()}}
     return out
@@ -103,7 +105,7 @@ def markdown(rows: dict, nets: dict, command: str, info: dict, num: int, wall: f
         "(as `manifold_rms`). 'RMS left to the manifold' is the per-pixel distance to the fitted rendering; "
         "the off-manifold share divides it by the size of the change (1: the change leaves the manifold "
         "entirely; near 0: it moves along it, to another valid ellipse). The held-out ratio columns are "
-        "mse / mse of predicting zeros for the feature networks of the convergence benchmark, on new "
+        "mse / mse of predicting zeros for the feature networks named in the columns, on new "
         f"images (1 = not learnt). Wall-clock {wall:.0f} s.", "",
         markdown_table(header, table), "",
         "Perturbations with an off-manifold share below 0.3 (mostly on-manifold moves here): "
@@ -118,16 +120,21 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--features", nargs="*", type=Path, default=DEFAULT_FEATURES,
                    help="feature-network run folders to score per perturbation (missing ones are skipped)")
+    p.add_argument("--recipe", default="reference", choices=["reference", "legacy"],
+                   help="how the perturbations are made (features.recipe; default reference)")
     p.add_argument("--write", metavar="PATH", help="write the 'perturbations' section of this file")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()
-    rows = measure(args.num, 16, args.seed)
+    rows = measure(args.num, 16, args.seed, args.recipe)
     nets = heldout(args.features, args.num, 16, args.seed)
     wall = time.perf_counter() - start
-    command = "python benchmarks/perturbations.py" + (f" --write {args.write}" if args.write else "")
+    command = "python benchmarks/perturbations.py" + (f" --recipe {args.recipe}" if args.recipe != "reference" else "")
+    if args.features != DEFAULT_FEATURES:
+        command += " --features " + " ".join(os.path.relpath(f, ROOT) for f in args.features)
+    command += f" --write {args.write}" if args.write else ""
     text = markdown(rows, nets, command, machine_info(), args.num, wall)
     print(text)
     if args.write:

@@ -14,16 +14,23 @@ from ayt.features.augment import (
     SUBSETS,
     TARGET_NAMES,
     Perturber,
+    RECIPES,
+    SYM6,
     add_noise,
     adjust_brightness,
     adjust_contrast,
     adjust_saturation,
+    affine_matrix,
     affine_warp,
+    downsample_2x,
     gaussian_blur,
+    gaussian_kernels,
     hue_rotate,
     mixup,
     perturbation_slices,
     target_groups,
+    unit_rms,
+    upsample_2x,
 )
 
 DIMS = {"geo": 7, "geo_colour": 12, "geo_degrade": 10, "degrade": 3, "all": 15}
@@ -109,10 +116,10 @@ def test_single_perturbation_mask(name: str) -> None:
 # -- pure functions with known parameters -----------------------------------------------------
 
 
-def _warp(x: torch.Tensor, scale=1.0, angle=0.0, aniso=1.0, u=0.0, shift=(0.0, 0.0)) -> torch.Tensor:
+def _warp(x: torch.Tensor, scale=1.0, angle=0.0, aniso=1.0, u=0.0, shift=(0.0, 0.0), **kw) -> torch.Tensor:
     b = x.shape[0]
     full = lambda v: torch.full((b,), float(v))  # noqa: E731
-    return affine_warp(x, full(scale), full(angle), full(aniso), full(u), torch.tensor([shift] * b))
+    return affine_warp(x, full(scale), full(angle), full(aniso), full(u), torch.tensor([shift] * b), **kw)
 
 
 def test_rotation_by_90_degrees_is_rot90() -> None:
@@ -144,7 +151,7 @@ def test_brightness_adds_constant_and_contrast_keeps_mean() -> None:
     d = torch.tensor([0.2, -0.4])
     assert torch.allclose(adjust_brightness(x, d) - x, d.view(2, 1, 1, 1).expand_as(x), atol=1e-6)
     f = torch.tensor([2.0, 0.5])
-    y = adjust_contrast(x, f)
+    y = adjust_contrast(x, f, about_mean=True)  # legacy recipe
     assert torch.allclose(y.mean((1, 2, 3)), x.mean((1, 2, 3)), atol=1e-6)
     assert torch.allclose(y.std((1, 2, 3)), f * x.std((1, 2, 3)), rtol=1e-5)
 
@@ -200,7 +207,7 @@ def test_mixup_weight_zero_is_identity() -> None:
 
 
 def test_noise_rms_matches_target() -> None:
-    per = Perturber(p=1.0)
+    per = Perturber(p=1.0, recipe="legacy")
     x = _images(b=64, res=32)
     prm = per.sample_params(64, 3, generator=_gen())
     prm.applied = {n: torch.full((64,), n == "noise") for n in PERTURBATIONS}
@@ -230,6 +237,9 @@ def test_frequency_of_application_is_p() -> None:
     for name in PERTURBATIONS:
         assert abs(prm.applied[name].float().mean().item() - 0.15) < 0.025, name
     nonzero = per.targets(prm).ne(0).float().mean(0)
+    wsin = TARGET_NAMES["all"].index("aniso_wsin")  # the axis angle is 0 (sin u = 0) half of the time
+    assert abs(nonzero[wsin] - 0.075) < 0.02
+    nonzero[wsin] = 0.15
     assert ((nonzero - 0.15).abs() < 0.025).all()
 
 
@@ -247,7 +257,7 @@ def test_target_laws() -> None:
 
 
 def test_mixup_partner_is_another_image() -> None:
-    prm = Perturber(p=1.0).sample_params(16, 3, generator=_gen())
+    prm = Perturber(p=1.0, recipe="legacy").sample_params(16, 3, generator=_gen())
     assert sorted(prm.partner.tolist()) == list(range(16))
     assert (prm.partner != torch.arange(16)).all()
     single = Perturber(p=1.0).sample_params(1, 3, generator=_gen())
@@ -305,3 +315,123 @@ def test_double_angle_aniso_target_is_a_function_of_the_warp() -> None:
     torch.testing.assert_close(paper[0], torch.stack([w * u.cos(), w * u.sin()], 1))  # method.md's form
     with pytest.raises(AytError, match="aniso_target"):
         Perturber("geo", 0.5, 0, "half_angle")
+
+
+# -- the reference recipe (issue 12): each difference against its formula ----------------------
+
+
+def _only(per: Perturber, x: torch.Tensor, names: set[str], seed: int = 0, **w: torch.Tensor):
+    """Apply exactly the perturbations `names` to every image of x (raw draws `w` replaced); returns (y, params)."""
+    prm = per.sample_params(x.shape[0], x.shape[1], generator=_gen(seed))
+    prm.applied = {n: torch.full((x.shape[0],), n in names) & (n != "mixup" or prm.applied[n]) for n in PERTURBATIONS}
+    prm.w.update(w)
+    return per.apply(x, prm, _gen(seed + 1)), prm
+
+
+def test_recipes_and_config_name() -> None:
+    assert set(RECIPES) == {"reference", "legacy"} and Perturber().recipe is RECIPES["reference"]
+    assert Perturber.from_config(FeaturesConfig(recipe="legacy")).recipe is RECIPES["legacy"]
+    with pytest.raises(AytError, match="recipe"):
+        Perturber(recipe="paper")
+
+
+def test_aniso_axis_is_zero_half_of_the_time_in_the_reference() -> None:
+    u_ref = Perturber(p=1.0).sample_params(4000, 3, generator=_gen()).w["aniso_scale"][:, 1]
+    u_old = Perturber(p=1.0, recipe="legacy").sample_params(4000, 3, generator=_gen()).w["aniso_scale"][:, 1]
+    assert abs(u_ref.eq(0).float().mean().item() - 0.5) < 0.03
+    tilted = u_ref[u_ref != 0]
+    assert tilted.abs().max() <= math.pi and abs(tilted.abs().mean().item() - math.pi / 2) < 0.1  # U(-pi, pi)
+    assert not u_old.eq(0).any()
+
+
+def test_reference_contrast_multiplies_about_zero_after_brightness() -> None:
+    x = _images(b=3)
+    f = torch.tensor([2.0, 0.5, 1.3])
+    torch.testing.assert_close(adjust_contrast(x, f), f.view(3, 1, 1, 1) * x)
+    y, prm = _only(Perturber(p=1.0), x, {"brightness", "contrast"})
+    b, c = 0.2 * prm.w["brightness"], 2.0 ** (0.5 * prm.w["contrast"])
+    torch.testing.assert_close(y, c.view(3, 1, 1, 1) * (x + b.view(3, 1, 1, 1)))
+    y_old, _ = _only(Perturber(p=1.0, recipe="legacy"), x, {"brightness", "contrast"})
+    assert not torch.allclose(y_old, y, atol=1e-3)
+
+
+def test_reference_blur_is_an_11_tap_kernel_whose_sigma_saturates() -> None:
+    x = torch.zeros(2, 1, 21, 21)
+    x[:, :, 10, 10] = 1.0
+    sigma = torch.tensor([1.5, 3.0])
+    y, _ = _only(Perturber(p=1.0), x, {"blur"}, blur=sigma)
+    torch.testing.assert_close(y, gaussian_blur(x, sigma, radius=5))
+    assert not y[:, :, 10, 4].any() and y[:, :, 10, 5].all()  # support: 5 pixels each side
+    k = torch.arange(-5, 6, dtype=torch.float32)
+    effective = (gaussian_kernels(torch.tensor([3.0]), 5)[0] * k**2).sum().sqrt()
+    assert 2.4 < effective < 2.6  # sigma 3 truncated at 5 taps: about 2.5
+
+
+def test_reference_mixup_partner_is_the_perturbed_batch_reversed() -> None:
+    x = _images(b=5)
+    per = Perturber(p=1.0)
+    y, prm = _only(per, x, {"blur", "mixup"})
+    blurred = gaussian_blur(x, prm.w["blur"], radius=5)
+    lam = prm.w["mixup"].view(5, 1, 1, 1)
+    expected = (1 - lam) * blurred + lam * blurred.flip(0)
+    torch.testing.assert_close(y[[0, 1, 3, 4]], expected[[0, 1, 3, 4]])
+    assert prm.partner.tolist() == [4, 3, 2, 1, 0]
+    assert per.targets(prm)[2, perturbation_slices("all")["mixup"]].item() == 0  # the middle one is not mixed
+    torch.testing.assert_close(y[2], blurred[2])
+
+
+def test_reference_noise_has_rms_exactly_w() -> None:
+    x = _images(b=16, res=8)
+    per = Perturber(p=1.0)
+    y, prm = _only(per, x, {"noise"})
+    rms = (y - x).square().mean((1, 2, 3)).sqrt()
+    torch.testing.assert_close(rms, per.targets(prm)[:, -1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unit_rms(x).square().mean((1, 2, 3)), torch.ones(16))
+
+
+def test_sym6_filter_is_orthonormal_and_resampling_reconstructs() -> None:
+    h = torch.tensor(SYM6, dtype=torch.float64)
+    assert abs(h.sum().item() - math.sqrt(2)) < 1e-12 and abs(h.square().sum().item() - 1) < 1e-12
+    for shift in (2, 4, 6, 8, 10):  # orthogonal to its even shifts: perfect reconstruction
+        assert abs((h[shift:] * h[:-shift]).sum().item()) < 1e-12
+    x = _images(b=2, res=24)
+    up = upsample_2x(x)
+    assert up.shape[-2:] == (48, 48)
+    torch.testing.assert_close(downsample_2x(up)[..., 6:-6, 6:-6], x[..., 6:-6, 6:-6], atol=1e-5, rtol=0)
+
+
+def test_edm_warp_identity_and_integer_shift_are_exact() -> None:
+    x = _images(b=2, res=16)
+    edm = {"resample": "edm_2x", "aniso_last": True}
+    torch.testing.assert_close(_warp(x, **edm), x, atol=2e-5, rtol=0)  # border included (reflect padding)
+    right = _warp(x, shift=(1 / 16, 0.0), **edm)
+    torch.testing.assert_close(right[..., 1:], x[..., :-1], atol=2e-5, rtol=0)
+    down = _warp(x, shift=(0.0, 2 / 16), **edm)
+    torch.testing.assert_close(down[..., 2:, :], x[..., :-2, :], atol=2e-5, rtol=0)
+    with pytest.raises(AytError, match="resampling"):
+        _warp(x, resample="nearest")
+
+
+def test_edm_warp_blurs_a_half_pixel_shift_less_than_bilinear() -> None:
+    x = torch.randn(32, 1, 16, 16, generator=_gen())
+    half = (0.5 / 16, 0.0)
+    inner = lambda y: y[..., 3:-3, 3:-3].std().item()  # noqa: E731
+    bilinear, edm = inner(_warp(x, shift=half)), inner(_warp(x, shift=half, resample="edm_2x"))
+    assert bilinear < 0.75 * inner(x)  # the average of two neighbours: std / sqrt(2)
+    assert edm > 0.85 * inner(x)
+
+
+def test_reference_warp_stretches_after_the_rotation() -> None:
+    one, u, angle = torch.ones(1), torch.tensor([0.3]), torch.tensor([1.1])
+    a = torch.tensor([1.4])
+    stretch = affine_matrix(one, 0 * one, a, u)
+    rot = affine_matrix(one, angle, one, 0 * one)
+    torch.testing.assert_close(affine_matrix(one, angle, a, u, aniso_last=True), stretch @ rot)
+    torch.testing.assert_close(affine_matrix(one, angle, a, u), rot @ stretch)
+    x = _images(b=1, res=16)
+    per = Perturber(p=1.0)
+    y, prm = _only(per, x, {"rotation", "aniso_scale"})
+    w = prm.w
+    expected = affine_warp(x, one, w["rotation"], 2.0 ** (0.2 * w["aniso_scale"][:, 0]), w["aniso_scale"][:, 1],
+                           torch.zeros(1, 2), aniso_last=True, resample="edm_2x")
+    torch.testing.assert_close(y, expected)

@@ -182,3 +182,38 @@ def test_bad_continuous_configs(tmp_path):
     config = load_config(None, ["objective.kind=continuous", "distance.name=l2", f"objective.teacher={ect}"])
     with pytest.raises(AytError, match="needs an EDM diffusion model"):
         build_objective(config, 8, 3)
+
+
+def test_batch_mean_weighting_gives_every_example_mean_one_over_t():
+    """objective.weighting=batch_mean: the reference's (1/t)[N,1,1,1] * [N,D] broadcast, i.e. one weight
+    mean(1/t) for all examples; per_example divides each by its own t."""
+    net = small_net()
+    x0 = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    seen = student_call(net)
+    per = ContinuousObjective()(net, x0, rng=StepRandom(torch.Generator().manual_seed(2)))
+    t = seen["t"].double()
+    batch = ContinuousObjective(weighting="batch_mean")(net, x0, rng=StepRandom(torch.Generator().manual_seed(2)))
+    unweighted = per * t
+    # the reference as written: (1/t) [N,1,1,1] times the [N, D] product, broadcast to [N,1,N,D], averaged
+    reference = ((1 / t).view(-1, 1, 1, 1) * unweighted.view(-1, 1)).mean()
+    torch.testing.assert_close(batch.mean(), reference)
+    torch.testing.assert_close(batch, unweighted * (1 / t).mean())
+    assert not torch.allclose(batch, per)
+    with pytest.raises(AytError, match="weighting"):
+        ContinuousObjective(weighting="sum")
+    with pytest.raises(AytError, match="objective.weighting"):
+        load_config(None, ["objective.weighting=batch_mean"])  # ECT has no continuous weighting
+    config = load_config(None, ["objective.kind=continuous", "distance.name=l2", "objective.weighting=batch_mean"])
+    assert build_objective(config, 8, 3).weighting == "batch_mean"
+
+
+def test_effective_sample_size():
+    from ayt.objectives.continuous import effective_sample_size, loss_weights
+    from ayt.schedules import lognormal_t
+
+    assert effective_sample_size(torch.ones(64)) == pytest.approx(64)
+    assert effective_sample_size(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1)
+    t = lognormal_t(torch.randn(64 * 200, generator=torch.Generator().manual_seed(0)), -1.1, 2.0).view(200, 64)
+    per = sum(effective_sample_size(loss_weights(row)) for row in t) / 200
+    assert 4 < per < 16  # 1/t is heavy-tailed: about a tenth of the batch
+    assert effective_sample_size(loss_weights(t[0], "batch_mean")) == pytest.approx(64)

@@ -76,6 +76,7 @@ class ObjectiveConfig:
     stage_steps: int | None = 25000  # ECT steps per stage; None = fixed stage (AYT reference)
     init: str | None = None  # checkpoint (folder, run dir or EDM .pkl) whose EMA weights initialise the net
     teacher: str | None = None  # continuous only: EDM checkpoint (run dir or EDM .pkl) whose EMA is the frozen teacher (distillation)
+    weighting: str = "per_example"  # continuous only: per_example (1/t_i) | batch_mean (mean 1/t, the reference as written)
 
 
 @dataclass
@@ -114,6 +115,7 @@ class FeaturesConfig:
     p: float = 0.15  # probability of each perturbation
     ramp_steps: int = 0  # linear ramp of p from 0 (reference: 50k)
     aniso_target: str = "paper"  # paper: (w cos u, w sin u) as method.md | double_angle: (w cos 2u, w sin 2u)
+    recipe: str = "reference"  # perturbations as the AYT reference code makes them | legacy (ayt before issue 12)
     holdout: int = 512  # held-out images for the per-group regression error
 
 
@@ -246,6 +248,9 @@ def _rules_objective(c: ObjectiveConfig) -> None:
     _one_of(c.kind, list(OBJECTIVE_KINDS), "objective.kind")
     check(c.teacher is None or c.kind == "continuous",
           "objective.teacher is used by continuous-time distillation only; set objective.kind=continuous or drop the teacher")
+    _one_of(c.weighting, ["per_example", "batch_mean"], "objective.weighting")
+    check(c.weighting == "per_example" or c.kind == "continuous",
+          "objective.weighting applies to objective.kind=continuous only; drop it or set objective.kind=continuous")
     _positive(c.p_std, "objective.p_std", allow_none=True)
     check(c.q > 1, f"objective.q={c.q} must be > 1")
     _positive(c.k, "objective.k", zero=True)
@@ -266,6 +271,7 @@ def _rules_features(c: FeaturesConfig) -> None:
     _one_of(c.arch, list(FEATURE_ARCHS), "features.arch")
     _one_of(c.subset, ["geo", "geo_colour", "geo_degrade", "degrade", "all"], "features.subset")
     _one_of(c.aniso_target, ["paper", "double_angle"], "features.aniso_target")
+    _one_of(c.recipe, ["reference", "legacy"], "features.recipe")
     check(0 <= c.p <= 1, f"features.p={c.p} must lie in [0, 1]")
     _positive(c.width, "features.width")
     _positive(c.ramp_steps, "features.ramp_steps", zero=True)

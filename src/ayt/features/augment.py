@@ -5,37 +5,58 @@ clean images. Each perturbation is applied to each image independently with prob
 its target slots are 0 when it is not applied, and the image is then left bit-for-bit unchanged
 (every step is blended in with a `torch.where` mask, never an "identity" warp or filter).
 
-Order of application (our choice; method.md does not fix it):
-  1. geometric: isotropic scale, rotation, anisotropic scale and translation are composed into
-     ONE affine map and resampled once (`affine_grid` + bilinear `grid_sample`,
-     reflection padding at the border, so no black corners give the warp away);
-  2. colour: brightness, contrast, hue, saturation (in that order);
-  3. degradation: Gaussian blur, mixup with the *clean* partner image, additive Gaussian noise.
+Two recipes (`recipe=`; the feature network's config key `features.recipe`):
+  reference  (default) what the AYT reference code does (`augmentations.py`, an extension of the
+             EDM / StyleGAN2-ADA augmentation pipe, with config `geo_clr_deg.yaml`);
+  legacy     what `ayt` did before issue 12; kept to reproduce the earlier benchmark tables.
+They differ in six places (see `RECIPES`):
+  aniso frame   reference: the axis angle u is 0 with probability 0.5, else U(-pi, pi);
+                legacy: always U(-pi, pi). With u uniform, (w cos u, w sin u) is not learnable (see the caveat below); with
+                u = 0 half of the time the `w cos u` slot is.
+  warp          reference: scale, then rotation, then anisotropic scale (in the output frame),
+                then translation, resampled as the EDM pipe does: reflect padding, 2x upsampling
+                with the sym6 wavelet filter, bilinear `grid_sample` at 2x, sym6 downsampling.
+                legacy: anisotropic scale before the rotation; one bilinear `grid_sample` at 1x
+                (reflection padding), which also blurs by a sub-pixel-dependent amount.
+  contrast      reference: `c x` (about 0, so it also scales the brightness shift applied just
+                before it); legacy: `m + c (x - m)`, m the per-image mean.
+  blur          reference: an 11-tap kernel (radius 5), renormalised, so the effective sigma
+                saturates near 2.5 for sigma -> 3; legacy: radius 12 (an untruncated Gaussian).
+  mixup partner reference: the already perturbed (warped, coloured, blurred) batch in reversed
+                order; the middle image of an odd batch would be its own partner and never gets
+                mixup (the reference labels it anyway); legacy: the clean image, one random cycle.
+  noise         reference: `w n / rms(n)`, per-image RMS exactly w; legacy: `w n`, n ~ N(0, 1).
+Known remaining difference: the reference also labels hue and saturation on gray images, where
+they change nothing; here they are never applied to gray images (targets stay 0). And the
+reference sends every image of a batch through the 2x resampling when any image is warped (an
+identity warp then returns the image up to rounding); here unwarped images stay bit-identical.
+
+Order of application: geometric (one affine map, resampled once), colour (brightness,
+contrast, hue, saturation), degradation (blur, mixup, additive noise).
 Values are not clamped: brightness, contrast and noise may leave [-1, 1] a little, and clamping
 would change the noise RMS that is the target.
 
 Definitions (method.md section 4; `w ~ N(0, 1)` where the method leaves the law unstated):
   iso_scale    factor 2^(0.2 w)                                    -> w
   rotation     angle w ~ U(-pi, pi), counter-clockwise as displayed -> (cos w - 1, sin w)
-  aniso_scale  factor 2^(0.2 w) along the axis at angle u ~ U(-pi, pi) and its inverse across
-               it (area preserving, as in StyleGAN2-ADA)            -> (w cos u, w sin u)
+  aniso_scale  factor 2^(0.2 w) along the axis at angle u and its inverse across it (area
+               preserving, as in StyleGAN2-ADA)                    -> (w cos u, w sin u)
   translation  0.125 * size * (w0, w1) pixels (right, down)         -> (w0, w1)
   brightness   x + 0.2 w                                            -> w
-  contrast     m + 2^(0.5 w) (x - m), m the per-image mean over C, H, W -> w
+  contrast     2^(0.5 w) x (reference) or about the mean (legacy)   -> w
   hue          rotation by w ~ U(-pi, pi) about the gray axis (1, 1, 1)/sqrt(3) -> (cos w - 1, sin w)
   saturation   chroma (x minus its channel mean) scaled by 2^w      -> w
   blur         Gaussian, sigma ~ U(0, 3) pixels                     -> sigma
   mixup        (1 - l) x + l x_partner, l = 0.5 * Beta(1, 3)        -> l
-  noise        x + w n, n ~ N(0, 1) per pixel, w ~ U(0, 0.5)        -> w
+  noise        additive noise of per-image RMS w ~ U(0, 0.5)        -> w
 "Luma" here is the channel mean (the gray axis), which hue rotation preserves exactly.
-Gray images (C != 3): hue and saturation are undefined, so they are never applied and their
-target slots stay 0; brightness and contrast apply as usual. Mixup needs a partner: the
-partners form one random cycle over the batch (no image is its own partner); a batch of one
-never gets mixup.
+Gray images (C != 3): hue and saturation are never applied; brightness and contrast are.
+A batch of one never gets mixup.
 Caveat of method.md's target: `(w cos u, w sin u)` is not a function of the warp (u and u + pi
 give the same warp, and so do (w, u) and (-w, u + pi/2)), so the best regressor predicts 0 on
-average for these two slots. `aniso_target="double_angle"` regresses `(w cos 2u, w sin 2u)`
-instead, which takes one value per warp; the default `"paper"` keeps method.md's form.
+average for the `w sin u` slot, and for `w cos u` too when u is uniform (legacy recipe).
+`aniso_target="double_angle"` regresses `(w cos 2u, w sin 2u)` instead, which takes one value
+per warp; the default `"paper"` keeps method.md's form.
 """
 
 from __future__ import annotations
@@ -76,7 +97,26 @@ SUBSETS: dict[str, tuple[str, ...]] = {
     "all": GROUPS,
 }
 BLUR_SIGMA_MAX = 3.0
-_BLUR_RADIUS = math.ceil(4 * BLUR_SIGMA_MAX)  # 4 sigma: the truncated kernel keeps 99.9% of the variance
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the perturbations are made; the fields are the differences listed in the module docstring."""
+
+    aniso_axis_p: float  # probability that the anisotropic-scale axis angle is drawn (else 0)
+    warp: str  # "edm_2x" (sym6 2x resampling, rotation before aniso) | "bilinear_1x" (aniso before rotation)
+    contrast_about_mean: bool  # contrast scales x - mean (legacy) or x itself (reference)
+    blur_radius: int  # half-width of the blur kernel (the kernel has 2 radius + 1 taps)
+    mixup_reversed: bool  # partner: the perturbed batch reversed (reference) or a clean random cycle
+    noise_unit_rms: bool  # noise rescaled to per-image RMS exactly 1 before the weight w
+
+
+RECIPES: dict[str, Recipe] = {
+    "reference": Recipe(aniso_axis_p=0.5, warp="edm_2x", contrast_about_mean=False,
+                        blur_radius=5, mixup_reversed=True, noise_unit_rms=True),
+    "legacy": Recipe(aniso_axis_p=1.0, warp="bilinear_1x", contrast_about_mean=True,
+                     blur_radius=math.ceil(4 * BLUR_SIGMA_MAX), mixup_reversed=False, noise_unit_rms=False),
+}
 
 
 def subset_perturbations(subset: str) -> tuple[str, ...]:
@@ -125,35 +165,123 @@ def _rot2d(angle: Tensor) -> Tensor:
     return torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)
 
 
-def affine_matrix(scale: Tensor, angle: Tensor, aniso_scale: Tensor, aniso_angle: Tensor) -> Tensor:
-    """Linear part `M = scale R(angle) R(u) diag(a, 1/a) R(u)^T` [B, 2, 2], in pixel-shaped coordinates."""
+def affine_matrix(
+    scale: Tensor, angle: Tensor, aniso_scale: Tensor, aniso_angle: Tensor, aniso_last: bool = False
+) -> Tensor:
+    """Linear part [B, 2, 2] in pixel coordinates (x right, y down) of the geometric perturbation.
+
+    `A = R(u) diag(a, 1/a) R(u)^T` with R counter-clockwise as displayed; aniso_last=False gives
+    `M = scale R(angle) A` (legacy), aniso_last=True `M = scale A R(angle)`: the stretch acts in
+    the output frame, after the rotation, as in the reference pipe.
+    """
     a = aniso_scale
     diag = torch.diag_embed(torch.stack([a, 1.0 / a], -1))
     frame = _rot2d(aniso_angle)
     aniso = frame @ diag @ frame.transpose(-1, -2)
-    return scale[:, None, None] * _rot2d(angle) @ aniso
+    rot = _rot2d(angle)
+    first, second = (aniso, rot) if aniso_last else (rot, aniso)
+    return scale[:, None, None] * first @ second
 
 
 def affine_warp(
-    x: Tensor, scale: Tensor, angle: Tensor, aniso_scale: Tensor, aniso_angle: Tensor, shift: Tensor
+    x: Tensor, scale: Tensor, angle: Tensor, aniso_scale: Tensor, aniso_angle: Tensor, shift: Tensor,
+    aniso_last: bool = False, resample: str = "bilinear_1x",
 ) -> Tensor:
     """Warp x [B, C, H, W] by one affine map about the image centre (method.md section 4, geometric).
 
     scale, aniso_scale: factors [B]; angle, aniso_angle: radians [B] (counter-clockwise as
     displayed); shift [B, 2]: (right, down) in fractions of (W, H). A content point `q` moves
-    to `M q + shift`. One bilinear `grid_sample`, reflection padding, align_corners=False (so a
-    90-degree turn of a square image maps pixel centres onto pixel centres).
+    to `M q + shift` (`M` from `affine_matrix`). resample: "bilinear_1x", one bilinear
+    `grid_sample` with reflection padding, align_corners=False (a 90-degree turn of a square
+    image maps pixel centres onto pixel centres); "edm_2x", see `resample_sym6_2x`.
     """
+    check(resample in ("bilinear_1x", "edm_2x"), f"unknown resampling {resample!r}; use bilinear_1x or edm_2x")
     b, _, h, w = x.shape
     dt = torch.promote_types(x.dtype, torch.float32)  # the 2x2 inverse needs at least fp32
-    m = affine_matrix(*(v.to(device=x.device, dtype=dt) for v in (scale, angle, aniso_scale, aniso_angle)))
-    k = torch.tensor([w, h], device=x.device, dtype=dt)
-    m_norm = m * k[None, None, :] / k[None, :, None]  # K^-1 M K, K = diag(W, H): per-axis [-1, 1] coords
-    inv = torch.linalg.inv(m_norm)
-    t = 2.0 * shift.to(device=x.device, dtype=dt)
-    theta = torch.cat([inv, -(inv @ t[:, :, None])], dim=2).to(x.dtype)  # output coords -> input coords
+    m = affine_matrix(*(v.to(device=x.device, dtype=dt) for v in (scale, angle, aniso_scale, aniso_angle)), aniso_last)
+    size = torch.tensor([w, h], device=x.device, dtype=dt)
+    shift = shift.to(device=x.device, dtype=dt)
+    if resample == "edm_2x":
+        inv = torch.linalg.inv(m)
+        return resample_sym6_2x(x, inv, -(inv @ (shift * size)[:, :, None])[:, :, 0])
+    inv = torch.linalg.inv(m * size[None, None, :] / size[None, :, None])  # K^-1 M K, K = diag(W, H): [-1, 1] coords
+    theta = torch.cat([inv, -(inv @ (2.0 * shift)[:, :, None])], dim=2).to(x.dtype)  # output -> input coords
     grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _normalised_theta(inv: Tensor, offset: Tensor, size_in: Tensor, size_out: Tensor) -> Tensor:
+    """`affine_grid` theta [B, 2, 3] of the map `p_in = inv p_out + offset` in centred pixel coordinates.
+
+    size_in, size_out: (W, H) of the sampled and the produced image; with align_corners=False a
+    centred pixel coordinate q is the normalised coordinate 2 q / size.
+    """
+    lin = inv * (2.0 / size_in)[None, :, None] * (size_out / 2.0)[None, None, :]
+    return torch.cat([lin, (offset * 2.0 / size_in)[:, :, None]], dim=2)
+
+
+# The sym6 wavelet's low-pass decomposition filter (12 taps, orthonormal: sum 2^0.5, norm 1).
+SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
+_SYM6_PAD = len(SYM6) // 4  # output margin kept for the downsampling filter's support
+
+
+def sym6_upsampling_matrix(n: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """U [n, 2n] with `U[i, m] = h[m + 5 - 2 i]` (h = SYM6): `x @ U` inserts zeros and filters with h.
+
+    Its transpose is the matching downsampling (filter with h, keep every other sample): U U^T = I
+    away from the ends, because h is orthogonal to its even shifts.
+    """
+    h = torch.tensor(SYM6, device=device, dtype=dtype or torch.float32)
+    k = torch.arange(2 * n, device=device)[None, :] + (len(SYM6) - 2) // 2 - 2 * torch.arange(n, device=device)[:, None]
+    return torch.where((k >= 0) & (k < len(SYM6)), h[k.clamp(0, len(SYM6) - 1)], 0.0)
+
+
+def upsample_2x(x: Tensor) -> Tensor:
+    """[B, C, H, W] -> [B, C, 2H, 2W]: zero insertion, then the sym6 filter along each axis (DC gain 1)."""
+    up_w = sym6_upsampling_matrix(x.shape[3], x.device, x.dtype)
+    up_h = sym6_upsampling_matrix(x.shape[2], x.device, x.dtype)
+    return up_h.T @ (x @ up_w)
+
+
+def downsample_2x(x: Tensor) -> Tensor:
+    """[B, C, 2H, 2W] -> [B, C, H, W]: the sym6 filter along each axis, keeping every other sample."""
+    down_w = sym6_upsampling_matrix(x.shape[3] // 2, x.device, x.dtype).T
+    down_h = sym6_upsampling_matrix(x.shape[2] // 2, x.device, x.dtype)
+    return down_h @ (x @ down_w)
+
+
+def resample_sym6_2x(x: Tensor, inv: Tensor, offset: Tensor) -> Tensor:
+    """Resample x [B, C, H, W] at `p_in = inv p_out + offset` as the EDM / StyleGAN2-ADA augment pipe does.
+
+    inv [B, 2, 2], offset [B, 2]: centred pixel coordinates (x right, y down). Steps: reflect-pad
+    the batch as far as any output corner reaches (plus the filter support, at most size - 1),
+    upsample 2x with sym6, sample bilinearly at 2x (zeros outside), downsample with sym6 and crop.
+    The identity map returns x up to rounding (sym6 is orthonormal), and integer shifts are exact.
+    """
+    b, c, h, w = x.shape
+    dt = inv.dtype
+    half = torch.tensor([(w - 1) / 2, (h - 1) / 2], device=x.device, dtype=dt)
+    corners = half * torch.tensor([[-1, -1], [1, -1], [1, 1], [-1, 1]], device=x.device, dtype=dt)
+    reach = corners @ inv.transpose(1, 2) + offset[:, None, :]  # [B, 4, 2]: where the corners sample
+    limit = torch.tensor([w - 1, h - 1], device=x.device, dtype=dt)
+    low = ((-reach).amax((0, 1)) - half + 2 * _SYM6_PAD).clamp(min=0).minimum(limit).ceil()
+    high = (reach.amax((0, 1)) - half + 2 * _SYM6_PAD).clamp(min=0).minimum(limit).ceil()
+    (left, top), (right, bottom) = low.int().tolist(), high.int().tolist()
+    x = F.pad(x, [left, right, top, bottom], mode="reflect")
+    offset = offset + torch.tensor([(left - right) / 2, (top - bottom) / 2], device=x.device, dtype=dt)
+
+    # Centred coordinates at 2x: the 1x position q is q2 = 2 q - 1/2 (the delay of the sym6 pair).
+    up = upsample_2x(x)
+    inv2, offset2 = inv, 2 * offset + 0.5 * (inv.sum(-1) - 1.0)
+    out_w, out_h = 2 * (w + 2 * _SYM6_PAD), 2 * (h + 2 * _SYM6_PAD)
+    size_in = torch.tensor([up.shape[3], up.shape[2]], device=x.device, dtype=dt)
+    theta = _normalised_theta(inv2, offset2, size_in, torch.tensor([out_w, out_h], device=x.device, dtype=dt))
+    grid = F.affine_grid(theta.to(x.dtype), [b, c, out_h, out_w], align_corners=False)
+    y = F.grid_sample(up, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    p = _SYM6_PAD
+    return downsample_2x(y)[:, :, p:-p, p:-p]
 
 
 def adjust_brightness(x: Tensor, delta: Tensor) -> Tensor:
@@ -161,9 +289,12 @@ def adjust_brightness(x: Tensor, delta: Tensor) -> Tensor:
     return x + _per_image(delta, x)
 
 
-def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    """`m + factor (x - m)`, m the per-image mean over C, H, W (factor [B]; perturbation: 2^(0.5 w))."""
-    m = x.mean(dim=(1, 2, 3), keepdim=True)
+def adjust_contrast(x: Tensor, factor: Tensor, about_mean: bool = False) -> Tensor:
+    """`factor x` (reference), or `m + factor (x - m)` with m the per-image mean over C, H, W (legacy).
+
+    factor [B]; the perturbation uses 2^(0.5 w).
+    """
+    m = x.mean(dim=(1, 2, 3), keepdim=True) if about_mean else torch.zeros_like(x[:, :1, :1, :1])
     return m + _per_image(factor, x) * (x - m)
 
 
@@ -226,6 +357,11 @@ def add_noise(x: Tensor, rms: Tensor, noise: Tensor) -> Tensor:
     return x + _per_image(rms, x) * noise
 
 
+def unit_rms(noise: Tensor) -> Tensor:
+    """Rescale each image of noise [B, C, H, W] to RMS exactly 1 (the reference's noise shell)."""
+    return noise / noise.square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
+
+
 # ---------------------------------------------------------------------------------------------
 # Random parameters and the pipeline.
 
@@ -253,8 +389,18 @@ def _cycle_partner(batch: int, device: torch.device, generator: torch.Generator 
     return partner
 
 
-def _draw_w(batch: int, device: torch.device, generator: torch.Generator | None) -> dict[str, Tensor]:
-    """Raw parameter draws of all perturbations (method.md section 4 laws; N(0,1) where unstated)."""
+def _reversed_partner(batch: int, device: torch.device) -> Tensor:
+    """The batch in reversed order, Long [B] (the middle image of an odd batch is its own partner)."""
+    return torch.arange(batch - 1, -1, -1, device=device)
+
+
+def _draw_w(batch: int, device: torch.device, generator: torch.Generator | None,
+            aniso_axis_p: float = 1.0) -> dict[str, Tensor]:
+    """Raw parameter draws of all perturbations (method.md section 4 laws; N(0,1) where unstated).
+
+    The anisotropic-scale axis angle is U(-pi, pi) with probability aniso_axis_p and 0 otherwise
+    (the coin is drawn only when aniso_axis_p < 1, so the legacy recipe's stream is unchanged).
+    """
 
     def unif(lo: float, hi: float) -> Tensor:
         return lo + (hi - lo) * torch.rand(batch, device=device, generator=generator)
@@ -262,7 +408,7 @@ def _draw_w(batch: int, device: torch.device, generator: torch.Generator | None)
     def normal(*shape: int) -> Tensor:
         return torch.randn(batch, *shape, device=device, generator=generator)
 
-    return {
+    w = {
         "iso_scale": normal(),
         "rotation": unif(-math.pi, math.pi),
         "aniso_scale": torch.stack([normal(), unif(-math.pi, math.pi)], 1),
@@ -275,6 +421,10 @@ def _draw_w(batch: int, device: torch.device, generator: torch.Generator | None)
         "mixup": 0.5 * (1.0 - (1.0 - unif(0.0, 1.0)) ** (1.0 / 3.0)),  # inverse CDF of Beta(1, 3)
         "noise": unif(0.0, 0.5),
     }
+    if aniso_axis_p < 1.0:
+        tilted = unif(0.0, 1.0) < aniso_axis_p
+        w["aniso_scale"][:, 1] = torch.where(tilted, w["aniso_scale"][:, 1], 0.0)
+    return w
 
 
 ANISO_TARGETS = ("paper", "double_angle")
@@ -298,19 +448,20 @@ class Perturber:
     """
 
     def __init__(self, subset: str = "all", p: float = 0.15, ramp_steps: int = 0,
-                 aniso_target: str = "paper") -> None:
+                 aniso_target: str = "paper", recipe: str = "reference") -> None:
         self.names = subset_perturbations(subset)
         check(0.0 <= p <= 1.0, f"perturbation probability p must be in [0, 1], got {p}")
         check(ramp_steps >= 0, f"ramp_steps must be >= 0, got {ramp_steps}")
         check(aniso_target in ANISO_TARGETS, f"unknown aniso_target {aniso_target!r}; use one of {list(ANISO_TARGETS)}")
+        check(recipe in RECIPES, f"unknown perturbation recipe {recipe!r}; use one of {list(RECIPES)}")
         self.subset, self.p, self.ramp_steps = subset, float(p), int(ramp_steps)
-        self.aniso_target = aniso_target
+        self.aniso_target, self.recipe = aniso_target, RECIPES[recipe]
         self.groups = SUBSETS[subset]
 
     @classmethod
     def from_config(cls, cfg: FeaturesConfig) -> Perturber:
-        """Build from the `features` section of a config (subset, p, ramp_steps, aniso_target)."""
-        return cls(cfg.subset, cfg.p, cfg.ramp_steps, cfg.aniso_target)
+        """Build from the `features` section of a config (subset, p, ramp_steps, aniso_target, recipe)."""
+        return cls(cfg.subset, cfg.p, cfg.ramp_steps, cfg.aniso_target, cfg.recipe)
 
     @property
     def target_dim(self) -> int:
@@ -336,11 +487,14 @@ class Perturber:
         check(batch >= 1 and channels >= 1, f"need batch, channels >= 1, got {batch}, {channels}")
         dev = generator.device if generator is not None else torch.device(device)
         coins = torch.rand(batch, len(PERTURBATIONS), device=dev, generator=generator) < self.probability(step)
-        w = _draw_w(batch, dev, generator)
-        partner = _cycle_partner(batch, dev, generator)
+        w = _draw_w(batch, dev, generator, self.recipe.aniso_axis_p)
+        if self.recipe.mixup_reversed:
+            partner = _reversed_partner(batch, dev)
+        else:
+            partner = _cycle_partner(batch, dev, generator)
         usable = set(self.names) - ({"hue", "saturation"} if channels != 3 else set())
-        usable -= {"mixup"} if batch < 2 else set()
         applied = {n: coins[:, i] & (n in usable) for i, n in enumerate(PERTURBATIONS)}
+        applied["mixup"] &= partner != torch.arange(batch, device=dev)  # never mixed with itself
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return PerturbationParams(move(applied), move(w), partner.to(device))
 
@@ -377,7 +531,9 @@ class Perturber:
         aniso = torch.where(on["aniso_scale"], w["aniso_scale"][:, 0], zero)
         shift = torch.where(on["translation"][:, None], 0.125 * w["translation"], 0.0)
         u = w["aniso_scale"][:, 1]
-        warped = affine_warp(x, 2.0 ** (0.2 * iso), angle, 2.0 ** (0.2 * aniso), u, shift)
+        edm = self.recipe.warp == "edm_2x"
+        warped = affine_warp(x, 2.0 ** (0.2 * iso), angle, 2.0 ** (0.2 * aniso), u, shift,
+                             aniso_last=edm, resample=self.recipe.warp)
         any_geo = on["iso_scale"] | on["rotation"] | on["aniso_scale"] | on["translation"]
         return _blend(any_geo, warped, x)
 
@@ -386,7 +542,8 @@ class Perturber:
         if "colour" not in self.groups:
             return x
         x = _blend(on["brightness"], adjust_brightness(x, 0.2 * w["brightness"]), x)
-        x = _blend(on["contrast"], adjust_contrast(x, 2.0 ** (0.5 * w["contrast"])), x)
+        contrast = adjust_contrast(x, 2.0 ** (0.5 * w["contrast"]), self.recipe.contrast_about_mean)
+        x = _blend(on["contrast"], contrast, x)
         if x.shape[1] == 3:
             x = _blend(on["hue"], hue_rotate(x, w["hue"]), x)
             x = _blend(on["saturation"], adjust_saturation(x, 2.0 ** w["saturation"]), x)
@@ -398,10 +555,12 @@ class Perturber:
         if "degradation" not in self.groups:
             return x
         on, w = prm.applied, prm.w
-        x = _blend(on["blur"], gaussian_blur(x, w["blur"], radius=_BLUR_RADIUS), x)
-        x = _blend(on["mixup"], mixup(x, clean[prm.partner], w["mixup"]), x)
+        x = _blend(on["blur"], gaussian_blur(x, w["blur"], radius=self.recipe.blur_radius), x)
+        partner = x[prm.partner] if self.recipe.mixup_reversed else clean[prm.partner]
+        x = _blend(on["mixup"], mixup(x, partner, w["mixup"]), x)
         dev = generator.device if generator is not None else x.device
-        noise = torch.randn(x.shape, device=dev, generator=generator).to(device=x.device, dtype=x.dtype)
+        noise = torch.randn(x.shape, device=dev, generator=generator)
+        noise = (unit_rms(noise) if self.recipe.noise_unit_rms else noise).to(device=x.device, dtype=x.dtype)
         return _blend(on["noise"], add_noise(x, w["noise"], noise), x)
 
 

@@ -98,15 +98,16 @@ def recalibrate_batchnorm(net: nn.Module, batches: Iterable[Tensor]) -> None:
 @torch.no_grad()
 def evaluate_heldout(
     net: nn.Module, images: Tensor, subset: str, p: float, seed: int, device: torch.device,
-    aniso_target: str = "paper",
+    aniso_target: str = "paper", recipe: str = "reference",
 ) -> dict[str, Any]:
     """Per-group held-out regression error of `net` (eval mode) on perturbed `images` [N, C, H, W].
 
-    Returns {"p", "images", "groups": {group: {"mse", "mse_zero", "ratio"}}, "perturbations":
-    {name: {...}}}; `ratio` is mse / mse_zero (None where nothing of the group or perturbation
-    was applied, e.g. the colour slots of gray images).
+    Returns {"p", "recipe", "images", "groups": {group: {"mse", "mse_zero", "ratio"}},
+    "perturbations": {name: {...}}, "slots": {target name: {...}}}; `ratio` is mse / mse_zero
+    (None where nothing of the group, perturbation or slot was applied, e.g. the colour slots of
+    gray images).
     """
-    perturber = Perturber(subset, max(p, EVAL_P_MIN), 0, aniso_target)
+    perturber = Perturber(subset, max(p, EVAL_P_MIN), 0, aniso_target, recipe)
     generator = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)
     was_training = net.training
     net.eval()
@@ -125,7 +126,9 @@ def evaluate_heldout(
 
     groups = {group: errors(slots) for group, slots in target_groups(subset).items()}
     perturbations = {name: errors(slots) for name, slots in perturbation_slices(subset).items()}
-    return {"p": perturber.p, "images": len(images), "groups": groups, "perturbations": perturbations}
+    per_slot = {name: errors(slice(i, i + 1)) for i, name in enumerate(TARGET_NAMES[subset])}
+    return {"p": perturber.p, "recipe": recipe, "images": len(images), "groups": groups,
+            "perturbations": perturbations, "slots": per_slot}
 
 
 def heldout_metrics(heldout: dict[str, Any]) -> dict[str, float]:
@@ -191,7 +194,7 @@ class FeatureTask:
         if len(self.heldout_images) == 0:
             return
         result = evaluate_heldout(self.net, self.heldout_images, fc.subset, fc.p, self.config.train.seed, self.device,
-                                  fc.aniso_target)
+                                  fc.aniso_target, fc.recipe)
         self.heldout = {"step": step, **result}
         atomic_write(engine.run_dir / HELDOUT_FILE, json.dumps(self.heldout, indent=1))
         if logger:
@@ -201,7 +204,8 @@ class FeatureTask:
         """Fixed perturbed training batches for `recalibrate_batchnorm` (same on every run)."""
         generator = torch.Generator().manual_seed(self.config.train.seed + EVAL_SEED_OFFSET + 1)
         p = self.perturber.probability(None)
-        perturber = Perturber(self.config.features.subset, p, 0, self.config.features.aniso_target)
+        fc = self.config.features
+        perturber = Perturber(fc.subset, p, 0, fc.aniso_target, fc.recipe)
         for i in range(BN_BATCHES):
             x0, _ = engine.stream.batch(i * size, size, self.device)
             yield perturber(x0, generator)[0]

@@ -22,6 +22,15 @@ small (rms below about 0.1), so the logged loss mostly reflects the drawn `t`. A
 elements matters in practice: with a sum, the raw gradients are `D` times larger, and the
 first RAdam steps (which are not yet adaptive) wreck the initialisation.
 
+Weighting (`weighting=`, config `objective.weighting`). `per_example` (default, method.md):
+example i gets `1/t_i`. `batch_mean` reproduces the reference script (`train_ccd_ayt.py`) as
+written: it multiplies `(1/t)` of shape [N, 1, 1, 1] by the [N, D] product, which broadcasts to
+[N, 1, N, D], so after the mean every example gets the same weight `mean_j(1/t_j)` (over the
+micro-batch of one process). With t lognormal (P_mean -1.1, P_std 2), `1/t` is heavy-tailed:
+per-example weights leave an effective sample size `(sum w)^2 / sum w^2` of about a tenth of the
+batch (`effective_sample_size`); the batch mean keeps every example but lets the smallest `t`
+of the batch set the step size of all.
+
 The JVP and the student call share one dropout mask (`shared_dropout`), as ECT's student and
 target calls do.
 """
@@ -41,6 +50,7 @@ from ayt.rng import StepRandom
 from ayt.schedules import lognormal_t
 
 RMS_FLOOR = 0.1  # the `+ 0.1` of the reference normalisation g / (rms(g) + 0.1)
+WEIGHTINGS = ("per_example", "batch_mean")
 
 FeatureMap = Callable[[Tensor], Tensor]  # images [B, C, H, W] -> flattened features [B, F]
 
@@ -49,6 +59,18 @@ def rms_normalise(g: Tensor) -> Tensor:
     """`g / (rms(g) + 0.1)` per example, g [B, ...] (method.md section 5)."""
     rms = g.flatten(1).square().mean(1).sqrt()
     return g / (rms + RMS_FLOOR).view(-1, *([1] * (g.dim() - 1)))
+
+
+def loss_weights(t: Tensor, weighting: str = "per_example") -> Tensor:
+    """Weights [B] of the continuous loss: `1/t` per example, or `mean(1/t)` for all (the reference as written)."""
+    check(weighting in WEIGHTINGS, f"unknown weighting {weighting!r}; use one of {list(WEIGHTINGS)}")
+    w = 1.0 / t
+    return w if weighting == "per_example" else w.mean().expand_as(w)
+
+
+def effective_sample_size(w: Tensor) -> float:
+    """Kish's effective sample size `(sum w)^2 / sum w^2` of weights w [B] (B for equal weights)."""
+    return float(w.sum() ** 2 / w.square().sum())
 
 
 def feature_map(mfd: nn.Module) -> FeatureMap:
@@ -120,12 +142,14 @@ class ContinuousObjective(nn.Module):
         mfd: an MFD distance module whose feature network is `phi`, or None for pixel tangents.
         teacher: a frozen EDM denoiser `D(x, t, labels)` (distillation) or None (training).
         p_mean, p_std: lognormal `t` distribution (ECT's by default).
+        weighting: `per_example` (1/t_i) or `batch_mean` (mean 1/t for all; the reference as written).
     """
 
     def __init__(self, mfd: nn.Module | None = None, teacher: nn.Module | None = None,
-                 p_mean: float = -1.1, p_std: float = 2.0):
+                 p_mean: float = -1.1, p_std: float = 2.0, weighting: str = "per_example"):
         super().__init__()
-        self.mfd, self.teacher = mfd, teacher
+        check(weighting in WEIGHTINGS, f"unknown weighting {weighting!r}; use one of {list(WEIGHTINGS)}")
+        self.mfd, self.teacher, self.weighting = mfd, teacher, weighting
         self.phi: FeatureMap | None = None if mfd is None else feature_map(mfd)
         self.p_mean, self.p_std = p_mean, p_std
         if teacher is not None:
@@ -169,7 +193,7 @@ class ContinuousObjective(nn.Module):
     def loss(self, pair: TangentPair, step: int = 0) -> Tensor:
         """Per-example `(1/(2t)) mean (phi(f) - stopgrad(phi(f) - u))^2` [B] for a drawn pair."""
         target = (pair.output - pair.tangent).detach()
-        return 0.5 * (pair.output - target).flatten(1).square().mean(1) / pair.t
+        return 0.5 * (pair.output - target).flatten(1).square().mean(1) * loss_weights(pair.t, self.weighting)
 
     def forward(self, net: nn.Module, x0: Tensor, labels: Tensor | None = None, step: int = 0,
                 rng: StepRandom | None = None) -> Tensor:
