@@ -83,8 +83,8 @@ MUTATIONS = [
              "target = net(x0 + r_safe.view(view) * eps, r_safe, labels)",
              "target = net(x0 + t.view(view) * eps, r_safe, labels)", ("tests/test_objectives.py",)),
     Mutation("ect target f(x_r, r) also where r = 0", "objectives/ect.py",
-             "target = torch.where((r > 0).view(view), target, x0).detach()",
-             "target = net(x0 + r.clamp_min(1e-3).view(view) * eps, r.clamp_min(1e-3), labels).detach()",
+             "return student, torch.where((r > 0).view(view), target, x0).detach()",
+             "return student, net(x0 + r.clamp_min(1e-3).view(view) * eps, r.clamp_min(1e-3), labels).detach()",
              ("tests/test_objectives.py",)),
     Mutation("aligned: no normalisation (g instead of g/||g||)", "losses/aligned.py",
              "norm = g.float().flatten(1).norm(dim=1).clamp_min(self.eps)",
@@ -109,10 +109,9 @@ MUTATIONS = [
              "rms = g.flatten(1).square().mean(1).sqrt()", "rms = g.square().mean().sqrt().expand(g.shape[0])",
              ("tests/test_continuous.py",)),
     Mutation("continuous: weight 1/t -> 1", "objectives/continuous.py",
-             "return 0.5 * (y - target).flatten(1).square().mean(1) / t",
-             "return 0.5 * (y - target).flatten(1).square().mean(1)", ("tests/test_continuous.py",)),
+             "    w = 1.0 / t\n", "    w = torch.ones_like(t)\n", ("tests/test_continuous.py",)),
     Mutation("continuous: velocity (x_t - x_0)/t -> x_t - x_0", "objectives/continuous.py",
-             "return (x_t - x0) / view", "return x_t - x0", ("tests/test_continuous.py",)),
+             "return (x_t - x0) / t.view(-1, 1, 1, 1)", "return x_t - x0", ("tests/test_continuous.py",)),
 ]
 
 

@@ -147,6 +147,8 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
          "untrusted or corrupted Inception weights file"),
         (["train", *tiny(new, "eval.every=1", "eval.metric=fid", f"eval.ref_stats={w / 'none.npz'}")],
          "statistics file"),
+        (["train", *tiny(new, "eval.every=1", "eval.best_metric=bogus")], "eval.best_metric=bogus is not measured"),
+        (["train", *tiny(new, "eval.every=1", "eval.best_metric=fid")], "choose one of: manifold_rms, param_fd"),
         (["train", *tiny(new, "distance.name=mfd", f"distance.features={w / 'evil'}")], "untrusted or corrupted checkpoint: "),
         (["train", *tiny(new, "data.name=cifar10", f"data.root={w / 'cifar'}", "data.resolution=32")],
          "global posix.system is not allowed"),
@@ -171,7 +173,7 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-N_ROWS = 44
+N_ROWS = 46
 
 
 def test_bad_input_table(world, capsys):

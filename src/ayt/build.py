@@ -95,7 +95,6 @@ def distance_options(config: Config, name: str, resolution: int | None = None, c
     return {}
 
 
-
 def model_key(checkpoint_modules: dict, which: str = "ema") -> str:
     """The module name in a checkpoint to use: the first EMA (`which='ema'`), `net`, or an exact name."""
     if which == "ema":
@@ -213,6 +212,7 @@ def convert_edm(path: str | Path, out: str | Path) -> Path:
     network exactly (`edm_config`). `out` must not exist yet or be empty, so nothing is overwritten.
     """
     out = Path(out)
+    check(is_edm_pickle(path), f"{path}: ayt convert reads EDM network pickles (.pkl); an ayt run folder needs no conversion")
     check(not out.exists() or (out.is_dir() and not any(out.iterdir())),
           f"--out {out} exists and is not empty; choose a new folder")
     check(out.parent.is_dir(), f"--out {out}: the folder {out.parent} does not exist; create it first")

@@ -2,17 +2,18 @@
 
 The metric family follows the data (`metric="auto"`):
 
-| data   | family      | keys (the first decides the best checkpoint; lower is better)     |
+| data   | family      | keys (`eval.best_metric` picks the best checkpoint; default in bold) |
 |--------|-------------|-------------------------------------------------------------------|
-| shapes | `manifold`  | manifold_rms, param_fd, param_swd, coverage                       |
-| digits | `fd_digits` | fd_digits, kid_digits                                             |
-| other  | `fid`       | fid, kid (+ kid_std, precision, recall with reference features)   |
+| shapes | `manifold`  | manifold_rms, **param_fd**, param_swd, coverage (higher is better) |
+| digits | `fd_digits` | **fd_digits**, kid_digits                                         |
+| other  | `fid`       | **fid**, kid (+ kid_std, precision, recall with reference features) |
 
-On shapes `manifold_rms` comes first: the usual failure of one-step samples during training
+On shapes `manifold_rms` is reported first: the usual failure of one-step samples during training
 is leaving the manifold (blur, averaged shapes, noise), which `manifold_rms` measures exactly
 while `param_fd` barely moves (a noisy or slightly blurred ellipse still fits plausible
 parameters). Mode dropping, which `manifold_rms` cannot see, shows in `param_fd`, `param_swd`
-and `coverage`, reported beside it.
+and `coverage`. The best checkpoint follows `param_fd` by default: `manifold_rms` rises while
+tuning spreads the samples over the distribution (see `ayt.train.best_metric`).
 
 Denoising metrics (method.md section 6, "denoising FID"): training images are noised at level
 `sigma`, `x_t = x_0 + sigma * eps`, mapped in one call `f(x_t, sigma)`, and the outputs are
@@ -268,6 +269,23 @@ def summarise(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "min": min(values), "max": max(values), "values": list(values)}
 
 
+# The keys each metric family reports, the first one also per denoising level (see `_score_model`).
+FAMILY_KEYS = {"manifold": ("manifold_rms", "param_fd", "param_swd", "coverage"),
+               "fd_digits": ("fd_digits", "kid_digits"),
+               "fid": ("fid", "kid", "kid_std", "precision", "recall")}
+
+
+def check_best_metric(config: Config) -> None:
+    """`eval.best_metric` must be a key this run's evaluation reports (checked before training starts)."""
+    ec = config.eval
+    if ec.best_metric == "auto":
+        return
+    keys = FAMILY_KEYS[resolve_metric(ec.metric, config.data.name)]
+    keys = (*keys, *(f"{keys[0]}_denoise_{s:g}" for s in ec.denoise_sigmas))
+    check(ec.best_metric in keys, f"eval.best_metric={ec.best_metric} is not measured by this run's evaluation; "
+          f"choose one of: {', '.join(keys)}")
+
+
 def build_evaluator(config: Config, dataset: ImageDataset, device: str | torch.device = "cpu") -> Evaluator | None:
     """The trainer's `evaluator(ema_net, step) -> dict[str, float]` (None when `eval.metric` is none).
 
@@ -279,6 +297,7 @@ def build_evaluator(config: Config, dataset: ImageDataset, device: str | torch.d
     if ec.metric == "none":
         return None
     denoise_sigmas = list(ec.denoise_sigmas)
+    check_best_metric(config)
     scorer = build_scorer(config, ec.metric, image_shape=(dataset.channels, dataset.resolution), dataset=dataset,
                           device=device, inception_weights=ec.inception_weights, ref_stats=ec.ref_stats,
                           seed=config.train.seed)

@@ -142,8 +142,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def read_edm_pickle(path: str | Path) -> Any:
     """Unpickle an EDM file with the allow-list above: plain data and `PersistentRecord`s, no code run."""
     path = Path(path)
-    check(path.is_file(), f"{path}: no such file; download EDM's models into that folder "
-          "(README: 'Start from the published files') or pass your own run folder")
+    check(path.is_file(), f"{path}: no such file; download EDM's network pickles there "
+          "(README: 'Start from the published files')")
     try:
         with path.open("rb") as f:
             return _RestrictedUnpickler(f).load()
@@ -193,7 +193,7 @@ class EdmArchitecture:
 
 
 def songunet_kwargs(record: PersistentRecord) -> dict[str, Any]:
-    """`ayt.SongUNet` kwargs from an EDM SongUNet record's init kwargs (EDM's defaults filled in)."""
+    """`ayt.nets.SongUNet` kwargs from an EDM SongUNet record's init kwargs (EDM's defaults filled in)."""
     kw = record.init_kwargs
     check(kw.get("decoder_type", "standard") == "standard",
           f"EDM SongUNet with decoder_type={kw.get('decoder_type')!r} is not supported; ayt implements 'standard' (DDPM++ and NCSN++)")
@@ -215,7 +215,7 @@ def songunet_kwargs(record: PersistentRecord) -> dict[str, Any]:
 
 
 def dhariwal_kwargs(record: PersistentRecord) -> dict[str, Any]:
-    """`ayt.DhariwalUNet` kwargs from an EDM DhariwalUNet record's init kwargs (EDM's defaults filled in)."""
+    """`ayt.nets.DhariwalUNet` kwargs from an EDM DhariwalUNet record's init kwargs (EDM's defaults filled in)."""
     kw = record.init_kwargs
     return dict(
         img_resolution=int(kw["img_resolution"]), in_channels=int(kw["in_channels"]),
