@@ -289,6 +289,26 @@ def test_bad_pickles_fail_with_one_line(tmp_path, content):
     assert not MARKER.exists()
 
 
+@pytest.mark.parametrize("fault", ["nan", "shape"])
+def test_corrupted_weights_are_refused(tmp_path, monkeypatch, fault):
+    """A readable file whose tensors are NaN or of the wrong shape: one line naming the tensor."""
+    import ayt.nets.edm_pickle as reader
+
+    path = tmp_path / "edm.pkl"
+    write_edm_pickle(path)
+    record = reader.read_edm_pickle(path)
+    layer0 = record["ema"].state["_modules"]["model"].state["_modules"]["map_layer0"].state["_parameters"]
+    if fault == "nan":
+        layer0["weight"][0, 0] = float("nan")
+        expected = "EDM weight map_layer0.weight holds NaN or inf"
+    else:
+        layer0["weight"] = layer0["weight"][:, :-1]
+        expected = "do not match the architecture .*map_layer0.weight"
+    monkeypatch.setattr(reader, "read_edm_pickle", lambda _: record)
+    with pytest.raises(AytError, match=expected):
+        load_model(path)
+
+
 def test_convert_then_sample_init_and_teacher(tmp_path, capsys):
     from ayt.cli import main
 

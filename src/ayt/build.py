@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from pathlib import Path
 
@@ -171,8 +172,6 @@ def _plain(value):
 
 def preset_kwargs(preset: str) -> dict:
     """The network keyword arguments of a preset, with its class's own defaults filled in."""
-    import inspect
-
     params = inspect.signature(PRESET_ARCHITECTURES[preset].__init__).parameters.items()
     defaults = {k: p.default for k, p in params if p.default is not inspect.Parameter.empty}
     return {**defaults, **NETWORK_PRESETS[preset]}
@@ -197,13 +196,6 @@ def edm_config(arch: EdmArchitecture) -> Config:
     })
 
 
-def edm_data_info(arch: EdmArchitecture, config: Config) -> dict:
-    """The `data_info` of a checkpoint converted from an EDM pickle."""
-    kw = arch.unet_kwargs
-    return {"name": config.data.name, "resolution": kw["img_resolution"], "channels": kw["in_channels"],
-            "num_classes": kw["label_dim"]}
-
-
 def convert_edm(path: str | Path, out: str | Path) -> Path:
     """Write an EDM network pickle as an `ayt` run folder: `config.yaml` + a step-0 checkpoint.
 
@@ -218,12 +210,13 @@ def convert_edm(path: str | Path, out: str | Path) -> Path:
     check(out.parent.is_dir(), f"--out {out}: the folder {out.parent} does not exist; create it first")
     net, arch = _edm_model(path)
     config = edm_config(arch)
-    rebuilt = build_net(config, arch.unet_kwargs["img_resolution"], arch.unet_kwargs["in_channels"],
-                        arch.unet_kwargs["label_dim"])
+    kw = arch.unet_kwargs
+    info = {"name": config.data.name, "resolution": kw["img_resolution"], "channels": kw["in_channels"],
+            "num_classes": kw["label_dim"]}
     weights = net.state_dict()
-    check_compatible(weights, rebuilt, str(path))
+    check_compatible(weights, build_net(config, info["resolution"], info["channels"], info["num_classes"]), str(path))
     out.mkdir(exist_ok=True)
-    state = {"config": config.to_dict(), "data_info": edm_data_info(arch, config),
+    state = {"config": config.to_dict(), "data_info": info,
              "source": {"edm_pickle": str(Path(path).resolve()), "notes": arch.notes}}
     save_checkpoint(out, 0, {"ema0": weights, "net": weights}, state)
     save_config(config, out / "config.yaml")

@@ -483,13 +483,13 @@ def _read_weights(file: Path, map_location: str | torch.device) -> dict[str, dic
 def check_compatible(saved: dict[str, torch.Tensor], model: torch.nn.Module, what: str) -> None:
     """Raise AytError unless `saved` has exactly the keys and shapes of `model.state_dict()`."""
     expected = model.state_dict()
-    problem = _first_mismatch(saved, expected)
+    problem = first_mismatch(saved, expected)
     if problem:
         raise AytError(f"checkpoint {what} was trained with another architecture: {problem}; "
                        "use the config it was trained with (saved in its state.json)")
 
 
-def _first_mismatch(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+def first_mismatch(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
     missing = [k for k in expected if k not in saved]
     if missing:
         return f"the model has {missing[0]!r} but the checkpoint does not"

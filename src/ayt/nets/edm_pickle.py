@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ayt.checkpoint import load_storage_bytes
+from ayt.checkpoint import first_mismatch, first_non_finite, load_storage_bytes
 from ayt.errors import AytError, check
 from ayt.nets.adm import DhariwalUNet
 from ayt.nets.precond import Precond
@@ -192,40 +192,28 @@ class EdmArchitecture:
     notes: list[str]  # what was dropped or ignored, for the log
 
 
-def songunet_kwargs(record: PersistentRecord) -> dict[str, Any]:
-    """`ayt.nets.SongUNet` kwargs from an EDM SongUNet record's init kwargs (EDM's defaults filled in)."""
-    kw = record.init_kwargs
-    check(kw.get("decoder_type", "standard") == "standard",
-          f"EDM SongUNet with decoder_type={kw.get('decoder_type')!r} is not supported; ayt implements 'standard' (DDPM++ and NCSN++)")
-    check(kw.get("encoder_type", "standard") in ("standard", "residual"),
-          f"EDM SongUNet with encoder_type={kw.get('encoder_type')!r} is not supported; ayt implements 'standard' (DDPM++) and 'residual' (NCSN++)")
-    return dict(
-        img_resolution=int(kw["img_resolution"]), in_channels=int(kw["in_channels"]),
-        out_channels=int(kw["out_channels"]), label_dim=int(kw.get("label_dim", 0)),
-        model_channels=int(kw.get("model_channels", 128)),
-        channel_mult=tuple(int(m) for m in kw.get("channel_mult", (1, 2, 2, 2))),
-        channel_mult_emb=int(kw.get("channel_mult_emb", 4)), num_blocks=int(kw.get("num_blocks", 4)),
-        attn_resolutions=tuple(int(r) for r in kw.get("attn_resolutions", (16,))),
-        dropout=float(kw.get("dropout", 0.10)), label_dropout=float(kw.get("label_dropout", 0.0)),
-        embedding_type=str(kw.get("embedding_type", "positional")),
-        channel_mult_noise=int(kw.get("channel_mult_noise", 1)),
-        encoder_type=str(kw.get("encoder_type", "standard")),
-        resample_filter=tuple(int(f) for f in kw.get("resample_filter", (1, 1))),
-    )
+# EDM's constructor defaults (training/networks.py) for the arguments a record may omit.
+_EDM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "SongUNet": dict(label_dim=0, model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4,
+                     attn_resolutions=(16,), dropout=0.10, label_dropout=0.0, embedding_type="positional",
+                     channel_mult_noise=1, encoder_type="standard", resample_filter=(1, 1)),
+    "DhariwalUNet": dict(label_dim=0, model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4,
+                         num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.10, label_dropout=0.0),
+}
 
 
-def dhariwal_kwargs(record: PersistentRecord) -> dict[str, Any]:
-    """`ayt.nets.DhariwalUNet` kwargs from an EDM DhariwalUNet record's init kwargs (EDM's defaults filled in)."""
+def model_kwargs(record: PersistentRecord) -> dict[str, Any]:
+    """Keyword arguments of the `ayt.nets` class of an EDM SongUNet / DhariwalUNet record (EDM's defaults
+    filled in; `augment_dim` and EDM-only options left out)."""
     kw = record.init_kwargs
-    return dict(
-        img_resolution=int(kw["img_resolution"]), in_channels=int(kw["in_channels"]),
-        out_channels=int(kw["out_channels"]), label_dim=int(kw.get("label_dim", 0)),
-        model_channels=int(kw.get("model_channels", 192)),
-        channel_mult=tuple(int(m) for m in kw.get("channel_mult", (1, 2, 3, 4))),
-        channel_mult_emb=int(kw.get("channel_mult_emb", 4)), num_blocks=int(kw.get("num_blocks", 3)),
-        attn_resolutions=tuple(int(r) for r in kw.get("attn_resolutions", (32, 16, 8))),
-        dropout=float(kw.get("dropout", 0.10)), label_dropout=float(kw.get("label_dropout", 0.0)),
-    )
+    if record.class_name == "SongUNet":
+        check(kw.get("decoder_type", "standard") == "standard",
+              f"EDM SongUNet with decoder_type={kw.get('decoder_type')!r} is not supported; ayt implements 'standard' (DDPM++ and NCSN++)")
+        check(kw.get("encoder_type", "standard") in ("standard", "residual"),
+              f"EDM SongUNet with encoder_type={kw.get('encoder_type')!r} is not supported; ayt implements 'standard' (DDPM++) and 'residual' (NCSN++)")
+    out = {k: kw[k] for k in ("img_resolution", "in_channels", "out_channels")}
+    out.update({k: kw.get(k, default) for k, default in _EDM_DEFAULTS[record.class_name].items()})
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in out.items()}
 
 
 def dhariwal_key_map(record: PersistentRecord, edm_keys: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -233,13 +221,6 @@ def dhariwal_key_map(record: PersistentRecord, edm_keys: list[str]) -> tuple[dic
     `map_augment` and the `resample_filter` buffers."""
     dropped = [k for k in edm_keys if k.startswith("map_augment.") or k.endswith(".resample_filter")]
     return {k: k for k in edm_keys if k not in dropped}, dropped
-
-
-# model type -> (ayt class, kwargs from the record, key map, resampling taps)
-_ARCHITECTURES = {
-    "SongUNet": (SongUNet, songunet_kwargs, "songunet"),
-    "DhariwalUNet": (DhariwalUNet, dhariwal_kwargs, "dhariwal"),
-}
 
 
 def _module_names(record: PersistentRecord, which: str) -> list[str]:
@@ -287,6 +268,10 @@ def songunet_key_map(record: PersistentRecord, edm_keys: list[str]) -> tuple[dic
     return mapping, dropped
 
 
+# EDM model type -> (ayt class, EDM key -> ayt key map)
+_ARCHITECTURES = {"SongUNet": (SongUNet, songunet_key_map), "DhariwalUNet": (DhariwalUNet, dhariwal_key_map)}
+
+
 def _check_filters(tensors: dict[str, torch.Tensor], dropped: list[str], taps: tuple[int, ...]) -> None:
     """The resampling filters EDM stores as buffers must be the ones the architecture implies."""
     expected = fir_filter(taps)
@@ -325,8 +310,7 @@ def edm_architecture(record: PersistentRecord, path: Path) -> tuple[EdmArchitect
     if record.init_kwargs.get("use_fp16"):
         notes.append("ignored use_fp16=True: ayt runs the network in fp32 (or bf16 autocast when asked)")
     sigma_data = float(record.init_kwargs.get("sigma_data", record.state.get("sigma_data", 0.5)))
-    kwargs = _ARCHITECTURES[model.class_name][1](model)
-    return EdmArchitecture(model.class_name, kwargs, sigma_data, notes), model
+    return EdmArchitecture(model.class_name, model_kwargs(model), sigma_data, notes), model
 
 
 def edm_network(path: str | Path, key: str = "ema", sigma_min: float = 0.002,
@@ -339,30 +323,17 @@ def edm_network(path: str | Path, key: str = "ema", sigma_min: float = 0.002,
     path = Path(path)
     arch, model = edm_architecture(network_record(read_edm_pickle(path), path, key), path)
     tensors = flatten_tensors(model)
-    cls, _, kind = _ARCHITECTURES[arch.model_type]
-    key_map = songunet_key_map if kind == "songunet" else dhariwal_key_map
+    cls, key_map = _ARCHITECTURES[arch.model_type]
     mapping, dropped = key_map(model, list(tensors))
     _check_filters(tensors, dropped, arch.unet_kwargs.get("resample_filter", (1, 1)))
     kw = dict(arch.unet_kwargs)
     net = cls(kw.pop("img_resolution"), kw.pop("in_channels"), kw.pop("out_channels"), **kw)
-    expected = net.state_dict()
     weights = {mapping[k]: v for k, v in tensors.items() if k in mapping}
-    missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
-    check(not missing and not extra,
-          f"{path}: EDM weights do not match the architecture: missing {missing[:3]}, unexpected {extra[:3]}")
-    for k, v in weights.items():
-        check(tuple(v.shape) == tuple(expected[k].shape),
-              f"{path}: EDM weight for {k} has shape {tuple(v.shape)}, the architecture expects {tuple(expected[k].shape)}")
-        check(bool(torch.isfinite(v).all()), f"{path}: EDM weight {k} holds NaN or inf; the file is corrupted")
+    problem = first_mismatch(weights, net.state_dict())
+    check(problem is None, f"{path}: EDM weights do not match the architecture its kwargs describe: {problem}")
+    bad = first_non_finite({"weights": weights})
+    check(bad is None, f"{path}: EDM weight {bad and bad.split('.', 1)[1]} holds NaN or inf; the file is corrupted")
     net.load_state_dict({k: v.float() for k, v in weights.items()})
     precond = Precond(net, sigma_data=arch.sigma_data, sigma_min=sigma_min, sigma_max=sigma_max, boundary="edm")
     return precond.eval(), arch
 
-
-def describe(arch: EdmArchitecture) -> str:
-    """One line naming the architecture, for logs."""
-    kw = arch.unet_kwargs
-    family = "ADM" if arch.model_type == "DhariwalUNet" else "NCSN++" if kw["encoder_type"] == "residual" else "DDPM++"
-    cond = f", {kw['label_dim']} classes" if kw["label_dim"] else ", unconditional"
-    return f"EDM {family} {arch.model_type} {kw['img_resolution']}x{kw['img_resolution']}x{kw['in_channels']}{cond}"
