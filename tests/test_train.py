@@ -198,3 +198,19 @@ def test_compiled_training_matches_eager(tmp_path):
     a, b = load_checkpoint(tmp_path / "eager"), load_checkpoint(tmp_path / "compiled")
     for key, value in a.modules["net"].items():
         torch.testing.assert_close(b.modules["net"][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_step_phases_are_profiler_ranges(tmp_path):
+    """`Trainer.step` runs each part inside its `ayt.step.<part>` range (what throughput.py --phases reads)."""
+    from torch.profiler import profile
+
+    from ayt.train import STEP_PHASES, Trainer
+
+    trainer = Trainer(load_config(None, tiny(tmp_path / "run", "train.batch_size=2", "train.device=cpu", "optim.grad_clip=1.0")))
+    try:
+        with profile() as prof:
+            trainer.step(0)
+    finally:
+        trainer.close()
+    names = {e.key for e in prof.key_averages()}
+    assert {f"ayt.step.{p}" for p in STEP_PHASES} <= names

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from ayt.build import build_data, build_net, build_objective, load_model
 from ayt.checkpoint import Checkpoint, check_compatible, check_finite, require_keys, save_checkpoint
@@ -53,6 +54,15 @@ from ayt.sampling import generate, schedule_for
 
 Evaluator = Callable[[nn.Module, int], dict[str, float]]  # (EMA model, step) -> metrics
 Batch = tuple[Tensor, Tensor]  # images [B, C, H, W] in [-1, 1], labels [B] (-1 if none)
+# The parts of `Trainer.step`, each run inside a profiler range `ayt.step.<part>` (see `phase`).
+STEP_PHASES = ("batch", "loss", "backward", "check", "clip", "optimizer", "ema")
+
+
+def phase(name: str) -> record_function:
+    """The `torch.profiler.record_function` range `ayt.step.<name>` of one part of `Trainer.step`
+    (`STEP_PHASES`): a few microseconds when no profiler runs; a profiler (e.g.
+    `benchmarks/throughput.py --phases`) reports the time of each part under that name."""
+    return record_function(f"ayt.step.{name}")
 
 
 # ---------------------------------------------------------------- EMA
@@ -226,7 +236,7 @@ class Trainer:
         """Training step `step`: the loss over its micro-batches (data and noise keyed by (seed, step)),
         then, only if the loss and gradients are finite, the (optionally clipped) optimiser step and the
         EMAs (otherwise the step is skipped, or training stops: see `train.skip_nonfinite`).
-        Returns the step's mean loss."""
+        Each part runs in its profiler range (`phase`, `STEP_PHASES`). Returns the step's mean loss."""
         tc, info = self.config.train, self.info
         micro_global = tc.batch_size // tc.grad_accum
         for group in self.optimizer.param_groups:
@@ -234,20 +244,26 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: one sync per step
         for micro in range(tc.grad_accum):
-            batch = self.stream.batch((step * tc.grad_accum + micro) * micro_global, micro_global, self.device)
+            with phase("batch"):
+                batch = self.stream.batch((step * tc.grad_accum + micro) * micro_global, micro_global, self.device)
             rng = StepRandom.for_step(tc.seed, step, micro, self.device, info.rank, info.world)
-            with no_sync(self.model, micro < tc.grad_accum - 1), self._autocast():
+            with no_sync(self.model, micro < tc.grad_accum - 1), self._autocast(), phase("loss"):
                 loss = self.task.loss(self.model, batch, step, rng).mean()
-            (loss / tc.grad_accum).backward()
+            with phase("backward"):
+                (loss / tc.grad_accum).backward()
             total += loss.detach().double() / tc.grad_accum
-        step_loss = total.item()
-
-        if self.guard.step_ok(step, step_loss, self.net.parameters()):
+        with phase("check"):
+            step_loss = total.item()
+            ok = self.guard.step_ok(step, step_loss, self.net.parameters())
+        if ok:
             if self.config.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.optim.grad_clip)
-            self.optimizer.step()
-            for ema, decay in zip(self.emas, tc.ema_decays):
-                update_ema(ema, self.net, decay)
+                with phase("clip"):
+                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.optim.grad_clip)
+            with phase("optimizer"):
+                self.optimizer.step()
+            with phase("ema"):
+                for ema, decay in zip(self.emas, tc.ema_decays):
+                    update_ema(ema, self.net, decay)
         return step_loss
 
     # ---- the loop
