@@ -15,3 +15,22 @@ def test_on_and_off_manifold_perturbations_of_shapes():
     assert rows["hue"]["off_fraction"] < 0.1 and rows["hue"]["change"] > 0.05
     assert rows["noise"]["off_fraction"] > 0.9
     assert rows["blur"]["off_fraction"] > rows["rotation"]["off_fraction"]
+
+
+def test_throughput_times_the_trainer_step_and_merges_sections(tmp_path):
+    """benchmarks/throughput.py: one round of `Trainer.step()` per distance, the profiled parts, the section, --merge."""
+    import torch
+
+    import throughput
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "BENCHMARKS.md"
+    throughput.main(["--device", "cpu", "--presets", "tiny", "--batches", "2", "--distances", "pseudo_huber,mfd",
+                     "--warmup", "0", "--repeats", "1", "--phases", "--skip", "sample", "--threads", str(threads),
+                     "--write", str(out), "--section", "throughput-cpu-test"])
+    text = out.read_text()
+    assert "<!-- throughput-cpu-test:start -->" in text and "**Partial" not in text
+    assert "| tiny | 2 | fp32 | MFD aligned (AYT) |" in text and "forwards + distance ms" in text
+    merged = tmp_path / "merged.md"
+    throughput.main(["--merge", str(out), "--write", str(merged)])
+    assert "<!-- throughput-cpu-test:end -->" in merged.read_text()
