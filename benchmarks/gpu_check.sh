@@ -5,8 +5,9 @@
 #
 # 1. `pytest -m gpu` (EDM -> features -> ECT+AYT in fp32 and bf16, seeded dropout on CUDA and
 #    CPU/CUDA mask equality, compiled bf16 training, tangents on CUDA), log in OUT_DIR/pytest-gpu.log;
-# 2. the CUDA throughput benchmark (tiny and CIFAR-10 DDPM++ presets, fp32/bf16/compile, phases),
-#    written to OUT_DIR/BENCHMARKS.md; copy it back with
+# 2. the CUDA throughput benchmark: `Trainer.step()` per distance (tiny and CIFAR-10 DDPM++ presets,
+#    fp32/bf16/compile; --phases reads the step's profiler ranges) and 1-step sampling, written to
+#    OUT_DIR/BENCHMARKS.md section by section (a timeout keeps what was done); copy it back with
 #    `python benchmarks/throughput.py --merge OUT_DIR/BENCHMARKS.md --write BENCHMARKS.md`.
 #
 # Uses the machine's own torch when it has one (no download). Packages that machine lacks and

@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         return merge(args.merge, args.write)
     cfg = plan(args)
     torch.set_num_threads(cfg["threads"])
+    torch._dynamo.config.recompile_limit = 64  # --compile: every trainer compiles its own network (same code objects)
     state = {"cfg": cfg, "info": machine_info(), "load_before": load_average(), "tiny_width": args.tiny_width,
              "command": "python benchmarks/throughput.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
              "train": [], "sample": [], "failures": [], "done": False}
