@@ -64,7 +64,7 @@ PHASE_LABELS = {"loss": "forwards + distance", "check": "finiteness check", "ema
 
 # Per device: training batches, sampling batches, (warm-up, timed) rounds, profiled steps.
 DEFAULTS = {  # key: {tiny, cifar10-ddpmpp}
-    "cpu": {"batches": ([16, 64], [8]), "sample_batches": ([256, 1024], [8]), "train_rounds": ((2, 10), (1, 2)),
+    "cpu": {"batches": ([16, 64], [8]), "sample_batches": ([256, 1024], [8]), "train_rounds": ((2, 10), (1, 3)),
             "sample_rounds": ((1, 4), (1, 1)), "phase_steps": (2, 1)},
     "cuda": {"batches": ([16, 64], [64, 128]), "sample_batches": ([256, 1024], [256, 1024]), "train_rounds": ((5, 20), (3, 10)),
              "sample_rounds": ((5, 20), (3, 10)), "phase_steps": (5, 3)},
