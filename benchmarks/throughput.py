@@ -52,9 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, machine_info, machine_line, markdown_table, read_section, usable_cores, write_section  # noqa: E402
 
 PRESETS = {"tiny": (16, "tiny_vgg", None), "cifar10-ddpmpp": (32, "vgg16_bn", 0.2)}  # resolution, MFD features, ECT dropout
-LABELS = {"pseudo_huber": "pseudo-Huber (pixel)", "mfd": "MFD aligned (AYT)", "lpips": "LPIPS plain",
+LABELS = {"pseudo_huber": "pseudo-Huber (pixel)", "mfd": "MFD aligned (AYT)", "mfd_plain": "MFD plain", "lpips": "LPIPS plain",
           "lpips_aligned": "LPIPS aligned", "continuous": "continuous CT (pixel JVP)", "continuous_mfd": "continuous CT (MFD JVP)"}
-DISTANCES = ("pseudo_huber", "mfd", "lpips", "lpips_aligned")  # the default set
 MFD_TARGETS = {"tiny": 1.25, "cifar10-ddpmpp": 1.10}  # MFD step time / pseudo-Huber step time
 SAMPLING_TARGET = 1000.0  # images/s, 1-step sampling of the tiny preset on the CPU
 VERDICT = {True: "**PASS**", False: "**MISS**"}
@@ -85,7 +84,7 @@ def write_inputs(folder: str, presets: list[str], batches: dict[str, list[int]],
         images = rng.uniform(-1, 1, (2 * max(batches[preset]), 3, res, res)).astype(np.float32)
         files[preset] = os.path.join(folder, f"images-{preset}.npz")
         np.savez(files[preset], images=images)
-        if any(d.endswith("mfd") for d in distances):
+        if any("mfd" in d for d in distances):
             torch.manual_seed(0)
             net = build_feature_net(arch, in_channels=3, target_dim=TARGET_DIM, resolution=res, width=width)
             state = {"kind": FEATURES_KIND, "arch": arch, "in_channels": 3, "target_dim": TARGET_DIM, "resolution": res,
@@ -109,7 +108,7 @@ def config_for(spec: dict, distance: str, files: dict, run_dir: str):
     features = f"distance.features={files.get(f'features-{preset}')}"
     arm = {
         "pseudo_huber": ["distance.name=pseudo_huber"],
-        "mfd": ["distance.name=mfd", "distance.mode=aligned", features],
+        "mfd": ["distance.name=mfd", "distance.mode=aligned", features], "mfd_plain": ["distance.name=mfd", features],
         "lpips": ["distance.name=lpips", f"distance.lpips_weights={files.get('lpips')}"],
         "lpips_aligned": ["distance.name=lpips", "distance.mode=aligned", f"distance.lpips_weights={files.get('lpips')}"],
         "continuous": ["objective.kind=continuous", "distance.name=l2"],
@@ -274,7 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--presets", default="tiny,cifar10-ddpmpp", help="comma list of network presets")
-    p.add_argument("--distances", default=",".join(DISTANCES), help=f"comma list of {', '.join(LABELS)}")
+    p.add_argument("--distances", default="pseudo_huber,mfd,lpips,lpips_aligned", help=f"comma list of {', '.join(LABELS)}")
     p.add_argument("--batches", nargs="*", help="training batches: 16,64 or tiny=16,64 cifar10-ddpmpp=8")
     p.add_argument("--sample-batches", nargs="*", help="1-step sampling batches, same syntax")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (each distance once per round)")
@@ -433,9 +432,11 @@ def section_markdown(state: dict) -> str:
         phases = phase_table(state["train"])
         if phases:
             what = "GPU time of the kernels launched in" if cfg["device"] == "cuda" else "wall time of"
+            steps = ", ".join(dict.fromkeys(f"{s['preset']} {s['phase_steps']}" for s in cfg["train"]))
             out += [(f"Per part of the step (`--phases`): the mean {what} each `ayt.step.<part>` profiler range of "
-                     "`Trainer.step`, averaged over extra profiled steps after the timed rounds (the profiler's own cost "
-                     "is included; the timed column has none). `forwards + distance` is the task's loss: student and "
+                     f"`Trainer.step` over a few extra profiled steps per distance after the timed rounds ({steps}), so one "
+                     "load spike moves a part; the profiler's own cost is included, the timed column has none and is the "
+                     "reference. `forwards + distance` is the task's loss: student and "
                      "target forwards (or the JVP) and the distance, with its aligned gradient."), "", phases, ""]
     if state["sample"]:
         out += ["### 1-step sampling", "", ("`ayt.sampling.generate` with the run's 1-step schedule (`schedule_for`, "
