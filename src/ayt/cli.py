@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU with bf16 matmul, see BENCHMARKS.md)")
     p.set_defaults(func=cmd_sample)
 
-    from ayt.analysis.args import add_parser as add_tangents
-    from ayt.metrics.commands import add_parsers as add_eval
+    from ayt.commands.evaluate import add_parsers as add_eval
+    from ayt.commands.tangents import add_parser as add_tangents
 
     add_eval(sub)
     add_tangents(sub)

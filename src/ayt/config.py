@@ -32,6 +32,7 @@ FEATURE_ARCHS = ("vgg16_bn", "resnet18", "tiny_vgg")  # see ayt.features.nets.bu
 OPTIMIZERS = ("radam", "adam")
 PRECISIONS = ("fp32", "bf16")
 METRICS = ("auto", "manifold", "fd_digits", "fid", "none")  # eval.metric; see ayt.metrics.evaluate
+HEUN_STEPS = 18  # EDM's Heun steps for CIFAR-10 (35 network calls): diffusion models' default sampler
 
 
 @dataclass

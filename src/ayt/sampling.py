@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ayt.config import HEUN_STEPS
 from ayt.errors import AytError, check
 from ayt.schedules import karras_sigmas
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from ayt.config import Config
 
 DEFAULT_T_MID = 0.821  # ECT's CIFAR-10 intermediate level for 2-step sampling
-HEUN_STEPS = 18  # EDM's Heun steps for CIFAR-10 (35 network calls)
 
 
 def _levels(z: torch.Tensor, t: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""CLI commands of the metrics package: `ayt eval` and `ayt fid-stats` (wired in `ayt.cli`).
+"""`ayt eval` and `ayt fid-stats`: their flags and the runs that wire them to `ayt.metrics` (wired in `ayt.cli`).
 
 Each `cmd_*` takes the parsed arguments and returns an exit code; bad input raises `AytError`.
 """
@@ -12,7 +12,6 @@ from pathlib import Path
 from ayt.cliargs import add_model_args
 from ayt.config import METRICS
 from ayt.errors import AytError, check
-
 
 
 # ---------------------------------------------------------------- argument parsing helpers
