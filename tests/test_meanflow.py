@@ -260,6 +260,10 @@ def test_cli_meanflow_trains_resumes_bitwise_and_samples(tmp_path, capsys):
     import numpy as np
 
     assert np.load(out)["images"].shape == (3, 16, 16, 3)
+    assert main(["eval", str(straight), "--num", "2", "--steps", "1", "3"]) == 0
+    assert "| 3 |" in capsys.readouterr().out
+    assert main(["eval", str(straight), "--num", "2", "--denoise", "0.2"]) == 2  # no noise levels sigma
+    assert main(["tangents", str(straight)]) == 2  # not a consistency model
 
 
 def test_cli_meanflow_with_mfd(tmp_path):
