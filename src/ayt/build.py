@@ -141,7 +141,7 @@ def _load_teacher(path: str, resolution: int | None, channels: int | None) -> Pr
     return net.requires_grad_(False)
 
 
-def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[Precond, Config]:
+def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[Precond | MeanFlowNet, Config]:
     """Rebuild a network from a checkpoint (folder or run directory) with the config it was trained with.
 
     An EDM network pickle (`.pkl`, e.g. `edm-cifar10-32x32-uncond-vp.pkl`) is read without
