@@ -226,6 +226,11 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return latest is not None and load_checkpoint(latest).step >= steps
 
 
+def _failed_marker(run_dir: str | Path) -> Path:
+    """`RUN.failed`, written when an init fails, so that the arms waiting for it stop waiting."""
+    return Path(f"{run_dir}.failed")
+
+
 def _has_checkpoint(run_dir: Path) -> bool:
     from ayt.checkpoint import find_latest
 
@@ -240,17 +245,23 @@ def run_init(kind: str, dataset: str, run_dir: str, steps: int, extra: tuple[str
 
     run = Path(run_dir)
     preset = ROOT / "configs" / f"{dataset}-{'edm' if kind == 'edm' else 'features'}.yaml"
-    config = load_config(preset, [*_common(run, steps), "train.sample_every=0", *extra])
     start = time.perf_counter()
-    if not _finished(run, steps):
-        if kind == "edm":
-            from ayt.train import train
+    try:
+        config = load_config(preset, [*_common(run, steps), "train.sample_every=0", *extra])
+        if not _finished(run, steps):
+            if kind == "edm":
+                from ayt.train import train
 
-            train(config, resume=_has_checkpoint(run), evaluator=_timed_evaluator(config) if config.eval.every else None)
-        else:
-            from ayt.train import train_features
+                evaluator = _timed_evaluator(config) if config.eval.every else None
+                train(config, resume=_has_checkpoint(run), evaluator=evaluator)
+            else:
+                from ayt.train import train_features
 
-            train_features(config, resume=_has_checkpoint(run))
+                train_features(config, resume=_has_checkpoint(run))
+    except Exception:
+        _failed_marker(run).parent.mkdir(parents=True, exist_ok=True)
+        _failed_marker(run).write_text(traceback.format_exc())
+        raise
     state = load_checkpoint(run).state
     out = {"kind": kind, "dataset": dataset, "run_dir": str(run), "steps": state["step"],
            "batch": config.train.batch_size, "images": state["images_seen"], "wall_s": state["wall_s"],
@@ -290,8 +301,9 @@ def _timed_evaluator(config):
 
 
 def run_arm(dataset: str, arm: Arm, seed: int, run_dir: str, init_dir: str, features_dir: str,
-            eval_steps: list[int], num_samples: int, ema_decay: float) -> dict:
-    """Tune the cached EDM model with one arm, in segments ending at `eval_steps`; returns the curve."""
+            eval_steps: list[int], num_samples: int, ema_decay: float, init_steps: int = 0) -> dict:
+    """Tune the cached EDM model with one arm, in segments ending at `eval_steps`; returns the curve.
+    Waits until the EDM model has `init_steps` steps (and MFD's feature network a checkpoint)."""
     from ayt.checkpoint import load_checkpoint
     from ayt.config import load_config
 
@@ -299,10 +311,12 @@ def run_arm(dataset: str, arm: Arm, seed: int, run_dir: str, init_dir: str, feat
     done_file = run / "bench_done.json"
     if done_file.is_file():
         return json.loads(done_file.read_text())
-    waited, needed = 0, [Path(init_dir), *([Path(features_dir)] if "distance.name=mfd" in arm.overrides else [])]
-    while not all(map(_has_checkpoint, needed)) and waited < 1800:
-        time.sleep(5)  # the EDM model or feature network, trained by an earlier job of the same pool
-        waited += 5
+    needed = [(init_dir, init_steps), *([(features_dir, 0)] if "distance.name=mfd" in arm.overrides else [])]
+    while not all(_finished(Path(d), n) for d, n in needed):  # trained by an earlier job of the same pool
+        failed = [d for d, _ in needed if _failed_marker(d).is_file()]
+        if failed:
+            raise RuntimeError(f"not tuned: {failed[0]} failed to train")
+        time.sleep(5)
     preset = ROOT / "configs" / f"{dataset}-ect.yaml"
     overrides = [*_common(run, total), f"train.batch_size={arm.batch}", f"train.seed={seed}",
                  f"objective.init={init_dir}", f"objective.stage_steps={max(1, total // 4)}",
@@ -369,6 +383,8 @@ class Runner:
     def map(self, jobs: list[tuple[str, object, tuple]]) -> dict[str, object]:
         """Run `(name, fn, args)` jobs; returns name -> result (or None where skipped / failed)."""
         futures, results = {}, {}
+        for _, _, args in (job for job in jobs if job[1] is run_init):
+            _failed_marker(args[2]).unlink(missing_ok=True)  # from an earlier session
         for name, fn, args in jobs:
             futures[self.pool.submit(_guarded, name, fn, args, self.deadline)] = name
         for future in as_completed(futures):
@@ -420,7 +436,8 @@ def run_benchmark(budget: Budget, out: Path, workers: int, deadline: float | Non
     arm_jobs = []
     for seed, ds, arm in _seeds_first(budget, main_arms(budget)):
         args = (ds, arm, seed, str(out / ds / f"{arm.folder}-s{seed}"), str(init_root / ds / "edm"),
-                str(init_root / ds / arm.features), budget.eval_steps, budget.num_samples[ds], budget.ema_decay)
+                str(init_root / ds / arm.features), budget.eval_steps, budget.num_samples[ds], budget.ema_decay,
+                budget.edm_steps[ds])
         arm_jobs.append((f"{ds}/{arm.folder}-s{seed}", run_arm, args))
     done = runner.map(init_jobs + arm_jobs)  # a dataset's arms start as soon as its inits are trained (run_arm waits)
     inits, arms = ({name: done[name] for name, _, _ in jobs} for jobs in (init_jobs, arm_jobs))
