@@ -282,6 +282,7 @@ def _timed_evaluator(config):
     import dataclasses
 
     from ayt.build import build_data
+    from ayt.config import HEUN_STEPS
     from ayt.metrics.evaluate import FeatureScorer, _score_model, build_scorer
 
     dataset, ec = build_data(config), config.eval
@@ -293,7 +294,7 @@ def _timed_evaluator(config):
     def evaluator(net, step):
         start = time.perf_counter()
         metrics = _score_model(net, config, scorer, num_samples=ec.num_samples, sigmas=ec.sigmas,
-                               seed=config.train.seed, device=DEVICE, batch=256, heun_steps=18,
+                               seed=config.train.seed, device=DEVICE, batch=256, heun_steps=HEUN_STEPS,
                                denoise_sigmas=[], dataset=dataset)
         return {**metrics, "eval_s": time.perf_counter() - start}
 
