@@ -368,3 +368,25 @@ def test_stabilisers_are_for_the_continuous_objective_only(override, capsys, tmp
     err = capsys.readouterr().err.strip()
     assert f"{key} applies to objective.kind=continuous only" in err and "\n" not in err
     assert not (tmp_path / "ect").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_average_the_log_variance_head(tmp_path):
+    """With adaptive weighting under 2-process gloo DDP, the head (outside DDP) gets the averaged
+    gradient: both ranks hold the same head, equal to one process's at the same global batch."""
+    from safetensors.torch import load_file
+
+    from test_train import _run_worker
+
+    args = ["objective.kind=continuous", "distance.name=l2", "objective.adaptive_weight=true", "train.batch_size=8",
+            "train.steps=3", "train.checkpoint_every=3", "train.device=cpu", "optim.lr=0.01"]
+    for name, nproc in (("ddp", 2), ("one", 1)):
+        (tmp_path / name).mkdir()
+        _run_worker(tmp_path / name, tiny_args(tmp_path / name / "run", *args), nproc=nproc)
+    r0, r1 = load_file(tmp_path / "ddp" / "rank0.safetensors"), load_file(tmp_path / "ddp" / "rank1.safetensors")
+    single = load_file(tmp_path / "one" / "rank0.safetensors")
+    head = [k for k in r0 if k.startswith("logvar.")]
+    assert head and single["logvar.linear.bias"].abs().item() > 1e-3  # the head was trained
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+        assert torch.allclose(r0[key], single[key], atol=1e-5, rtol=0), key
