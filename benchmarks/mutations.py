@@ -112,6 +112,18 @@ MUTATIONS = [
              "    w = 1.0 / t\n", "    w = torch.ones_like(t)\n", ("tests/test_continuous.py",)),
     Mutation("continuous: velocity (x_t - x_0)/t -> x_t - x_0", "objectives/continuous.py",
              "return (x_t - x0) / t.view(-1, 1, 1, 1)", "return x_t - x0", ("tests/test_continuous.py",)),
+    Mutation("continuous stabiliser: warm-up r not capped at 1", "objectives/continuous.py",
+             "min(1.0, step / warmup_steps)", "step / warmup_steps", ("tests/test_continuous.py",)),
+    Mutation("continuous stabiliser: warm-up scales the whole direction (r v, r)", "objectives/continuous.py",
+             "(v.to(x_t.dtype), torch.full_like(t, r))", "(r * v.to(x_t.dtype), torch.full_like(t, r))",
+             ("tests/test_continuous.py",)),
+    Mutation("continuous stabiliser: adaptive L/exp(u) + u -> L/exp(u)", "objectives/continuous.py",
+             "return loss * torch.exp(-u.to(loss.dtype)) + u.to(loss.dtype)", "return loss * torch.exp(-u.to(loss.dtype))",
+             ("tests/test_continuous.py",)),
+    Mutation("continuous stabiliser: fd step absolute, h = eps", "objectives/continuous.py",
+             "    h = eps * t\n", "    h = eps * torch.ones_like(t)\n", ("tests/test_continuous.py",)),
+    Mutation("continuous stabiliser: fd one-sided difference over 2h", "objectives/continuous.py",
+             "- fn(x_t - step_x, t - h * r)", "- fn(x_t, t)", ("tests/test_continuous.py",)),
 ]
 
 

@@ -357,6 +357,10 @@ def test_cli_training_with_all_stabilisers_resumes_bitwise(tmp_path, capsys):
     ("objective.jvp=forward", "objective.jvp='forward' is not valid"),
 ])
 def test_bad_stabiliser_values(override, phrase):
+    from ayt.config import ObjectiveConfig
+    from ayt.objectives.continuous import FD_EPS
+
+    assert ObjectiveConfig().fd_eps == FD_EPS  # the config's default is the library's (config.py cannot import it)
     with pytest.raises(AytError, match=re.escape(phrase)):
         load_config(None, ["objective.kind=continuous", "distance.name=l2", override])
 
