@@ -343,6 +343,10 @@ def test_cli_training_with_all_stabilisers_resumes_bitwise(tmp_path, capsys):
     assert len(opt_a) == len(list(load_model(straight)[0].parameters())) + 2  # the network's, then the head's
     assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
     assert a.modules["logvar"]["linear.bias"].abs().item() > 0  # the head was trained
+    import json
+
+    logged = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [r["tangent_warmup"] for r in logged if "tangent_warmup" in r] == pytest.approx([0, 1 / 3, 2 / 3, 1])
     assert main(["sample", str(resumed), "-n", "4", "--npz", str(tmp_path / "s.npz")]) == 0
     capsys.readouterr()
     assert main(["train", "--resume", str(resumed), "train.steps=6", "objective.adaptive_weight=false"]) == 2
@@ -394,3 +398,22 @@ def test_two_processes_average_the_log_variance_head(tmp_path):
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
         assert torch.allclose(r0[key], single[key], atol=1e-5, rtol=0), key
+
+
+def test_the_log_variance_head_learns_the_expected_loss():
+    """Minimising mean(L / exp(u(t)) + u(t)) over the head gives exp(u(t)) = E[L | t]: with L = 1/(2t)
+    (the continuous loss of a large tangent), u(t) -> ln(1/(2t)) over the levels lognormal t visits."""
+    from ayt.objectives.continuous import LogVarianceHead, adaptive_weighted
+    from ayt.schedules import lognormal_t
+
+    head = LogVarianceHead()
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(600):
+        t = lognormal_t(torch.randn(128, generator=g), -1.1, 2.0)
+        loss = adaptive_weighted(0.5 / t, head(t)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    t = torch.tensor([0.01, 0.1, 0.5, 2.0, 10.0])
+    assert (head(t).detach() - (0.5 / t).log()).abs().max() < 0.2

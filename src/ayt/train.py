@@ -383,6 +383,10 @@ class ObjectiveTask(Task):
         trained = getattr(self.objective, "trained_modules", None)  # ContinuousObjective's log-variance head
         return trained() if trained else {}
 
+    def log_scalars(self, step: int) -> dict[str, float]:
+        scalars = getattr(self.objective, "log_scalars", None)  # the continuous objective's warm-up factor
+        return scalars(step) if scalars else {}
+
     def loss(self, model: nn.Module, batch: Batch, step: int, rng: StepRandom) -> Tensor:
         x0, labels = batch
         return self.objective(model, x0, labels if self.config.network.conditional else None, step, rng)

@@ -253,6 +253,10 @@ class ContinuousObjective(nn.Module):
         """Modules trained with the network (the engine's `Task.trained_modules`): the log-variance head."""
         return {} if self.logvar is None else {"logvar": self.logvar}
 
+    def log_scalars(self, step: int) -> dict[str, float]:
+        """Logged with the loss: the tangent warm-up factor `r` of step `step` (when warming up)."""
+        return {"tangent_warmup": tangent_warmup(step, self.warmup_steps)} if self.warmup_steps else {}
+
     def train(self, mode: bool = True) -> ContinuousObjective:
         super().train(mode)
         if self.teacher is not None:
