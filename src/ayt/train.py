@@ -99,9 +99,15 @@ def _ema_name(i: int) -> str:
     return f"ema{i}"
 
 
-def _init_from(net: nn.Module, path: str, resolution: int, channels: int) -> None:
-    """Copy the EMA weights of another run's checkpoint or of an EDM pickle (e.g. an EDM model to tune with ECT)."""
+def _init_from(net: nn.Module, path: str, resolution: int, channels: int, kind: str) -> None:
+    """Copy the EMA weights of another run's checkpoint or of an EDM pickle (e.g. an EDM model to tune with ECT).
+    A MeanFlow run starts only from another MeanFlow run (its network predicts velocities, not images)."""
     source, source_config = load_model(path, which="ema")
+    source_kind = source_config.objective.kind
+    check((source_kind == "meanflow") == (kind == "meanflow"),
+          f"objective.init={path} is a {source_kind!r} model; objective.kind={kind} "
+          + ("starts from scratch (drop objective.init) or from a meanflow run" if kind == "meanflow"
+             else "cannot start from a MeanFlow velocity network; use an EDM or consistency model"))
     check((source.img_resolution, source.img_channels) == (resolution, channels),
           f"objective.init={path} was trained on {source.img_channels}x{source.img_resolution}^2 images, this data is "
           f"{channels}x{resolution}^2; set data.resolution={source.img_resolution} or initialise from a model of this data")
@@ -369,7 +375,7 @@ class ObjectiveTask(Task):
         torch.manual_seed(config.train.seed)  # the initial weights (identical on every rank)
         self.net = build_net(config, d.resolution, d.channels, d.num_classes)
         if config.objective.init and not resume:
-            _init_from(self.net, config.objective.init, d.resolution, d.channels)
+            _init_from(self.net, config.objective.init, d.resolution, d.channels, self.kind)
         self.objective = build_objective(config, d.resolution, d.channels).to(device)
         if self.evaluator is None and config.eval.every and main:
             from ayt.metrics.evaluate import build_evaluator
