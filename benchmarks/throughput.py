@@ -59,6 +59,9 @@ DISTANCE_LABELS = {
     "lpips_aligned": "LPIPS aligned",
     "continuous": "continuous CT (pixel JVP)",
     "continuous_mfd": "continuous CT (MFD JVP)",
+    "continuous_warmup": "continuous CT (pixel JVP) + tangent warm-up",
+    "continuous_adaptive": "continuous CT (pixel JVP) + adaptive weighting",
+    "continuous_fd": "continuous CT (pixel, finite-difference JVP)",
 }
 MFD_TARGETS = {"tiny": 1.25, "cifar10-ddpmpp": 1.10}  # MFD step time / pseudo-Huber step time
 SAMPLING_TARGET = 1000.0  # images/s, 1-step sampling of the tiny preset on the CPU
@@ -179,12 +182,18 @@ def build_distance(name: str, preset: str, width: int, lpips_weights: str | None
     return Aligned(shared["lpips"]) if name == "lpips_aligned" else shared["lpips"]
 
 
+# sCM's stabilisers on the pixel objective; the warm-up never ends here (r < 1 costs what r = 1 does)
+CONTINUOUS_OPTIONS = {"continuous_warmup": {"warmup_steps": 10**9}, "continuous_adaptive": {"adaptive_weight": True},
+                      "continuous_fd": {"jvp": "fd"}}
+
+
 def continuous_objective(name: str, spec: dict):
-    """Continuous-time consistency training (no teacher) with pixel or MFD tangents."""
+    """Continuous-time consistency training (no teacher) with pixel or MFD tangents, or a stabiliser."""
     from ayt.losses.mfd import MFD
     from ayt.objectives import ContinuousObjective
 
-    return ContinuousObjective(MFD(net=build_feature_net(spec["preset"], spec["tiny_width"])) if name == "continuous_mfd" else None)
+    mfd = MFD(net=build_feature_net(spec["preset"], spec["tiny_width"])) if name == "continuous_mfd" else None
+    return ContinuousObjective(mfd, **CONTINUOUS_OPTIONS.get(name, {}))
 
 
 def build_net(spec: dict, device):

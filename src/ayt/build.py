@@ -71,7 +71,7 @@ def build_objective(config: Config, resolution: int | None = None, channels: int
         d = config.distance
         mfd = build_distance("mfd", **distance_options(config, "mfd", resolution, channels)) if d.name == "mfd" else None
         teacher = _load_teacher(o.teacher, resolution, channels) if o.teacher else None
-        return ContinuousObjective(mfd, teacher, p_mean, p_std, o.weighting)
+        return ContinuousObjective(mfd, teacher, p_mean, p_std, o.weighting, o.warmup_steps, o.adaptive_weight, o.jvp, o.fd_eps)
     if o.kind == "meanflow":
         return _meanflow_objective(config, p_mean, p_std, resolution, channels)
     final_stage = config.train.steps // o.stage_steps if o.stage_steps else 0

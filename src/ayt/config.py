@@ -79,6 +79,11 @@ class ObjectiveConfig:
     init: str | None = None  # checkpoint (folder, run dir or EDM .pkl) whose EMA weights initialise the net
     teacher: str | None = None  # continuous only: EDM checkpoint (run dir or EDM .pkl) whose EMA is the frozen teacher (distillation)
     weighting: str = "per_example"  # continuous only: per_example (1/t_i) | batch_mean (mean 1/t, the reference as written)
+    # continuous only, sCM's stabilisers (Lu & Song 2024, Algorithm 1; method.md section 5); all off by default:
+    warmup_steps: int = 0  # tangent warm-up: JVP along (v, r), r = min(1, step/warmup_steps); 0 = off (sCM: 10k iterations)
+    adaptive_weight: bool = False  # learned log-variance u(t) (EDM2 head on c_noise): loss L / exp(u) + u per example
+    jvp: str = "exact"  # exact (torch.func.jvp) | fd (central differences, for networks without forward-mode AD)
+    fd_eps: float = 3e-3  # jvp=fd: relative step h = fd_eps * t, in (0, 1); balances truncation and fp32 rounding (error ~1e-3 pixels, ~4e-3 MFD)
     # meanflow only (method.md section 8); defaults: the official JAX code's ImageNet config (CIFAR-10: configs/cifar10-meanflow.yaml)
     mf_ratio: float = 0.25  # fraction of draws with r != t (the others have r = t: plain flow matching)
     mf_norm_p: float = 1.0  # adaptive loss weight 1 / (loss + mf_norm_eps)^mf_norm_p
@@ -262,6 +267,14 @@ def _rules_objective(c: ObjectiveConfig) -> None:
     _one_of(c.weighting, ["per_example", "batch_mean"], "objective.weighting")
     check(c.weighting == "per_example" or c.kind == "continuous",
           "objective.weighting applies to objective.kind=continuous only; drop it or set objective.kind=continuous")
+    _one_of(c.jvp, ["exact", "fd"], "objective.jvp")
+    _positive(c.warmup_steps, "objective.warmup_steps", zero=True)
+    check(0 < c.fd_eps < 1, f"objective.fd_eps={c.fd_eps} must lie in (0, 1): the step is fd_eps * t, and t - fd_eps * t must stay > 0")
+    stabilisers = {"objective.warmup_steps": c.warmup_steps != 0, "objective.adaptive_weight": c.adaptive_weight,
+                   "objective.jvp": c.jvp != "exact"}
+    for key, used in stabilisers.items():
+        check(not used or c.kind == "continuous",
+              f"{key} applies to objective.kind=continuous only (sCM's stabilisers); drop it or set objective.kind=continuous")
     _positive(c.p_std, "objective.p_std", allow_none=True)
     check(c.q > 1, f"objective.q={c.q} must be > 1")
     _positive(c.k, "objective.k", zero=True)
