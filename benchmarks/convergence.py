@@ -989,21 +989,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    budget = QUICK if args.quick else LONG if args.long else NEAR if args.near else FULL
+    changes = {**json.loads(args.budget_json or "{}"), **({"arms": parse_arms(args.arms)} if args.arms else {}),
+               **({"datasets": args.datasets.split(",")} if args.datasets else {})}
+    budget = replace(budget, **changes)
+    if budget.arms and budget.name in ("full", "quick", "long", "near"):
+        raise SystemExit(f"--arms replaces the main arms: name the variant, e.g. --budget-json "
+                         f"'{{\"name\": \"{budget.name}-variant\"}}', so that its results and section do not "
+                         f"overwrite the {budget.name} budget's")
     _reexec_with_malloc_env()
     from ayt.runtime import check_device
 
     check_device(args.device, "--device")
-    budget = QUICK if args.quick else LONG if args.long else NEAR if args.near else FULL
-    suffix = "" if budget is FULL else f"-{budget.name}"
-    changes = {**json.loads(args.budget_json or "{}"), **({"arms": parse_arms(args.arms)} if args.arms else {}),
-               **({"datasets": args.datasets.split(",")} if args.datasets else {})}
-    budget = replace(budget, **changes)
+    suffix = "" if budget.name == "full" else f"-{budget.name}"
     out = Path(args.out or ROOT / "runs" / "bench" / f"convergence{suffix}")
     init_root = ROOT / "runs" / "bench" / "convergence" if args.long else out
     results_dir = Path(args.results or (out / "results" if args.quick else ROOT / "benchmarks" / "results"))
     prefix = f"convergence{suffix}"
     defaults = vars(parse_args([]))  # the command records the options that change what is measured
-    command = " ".join(["python benchmarks/convergence.py", *([f"--{budget.name}"] if suffix else []),
+    size = next((f"--{k}" for k in ("quick", "long", "near") if getattr(args, k)), None)
+    command = " ".join(["python benchmarks/convergence.py", *([size] if size else []),
                         *(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
                           if k in ("device", "datasets", "arms", "budget_json", "workers", "out") and v != defaults[k])])
     if args.ablations:

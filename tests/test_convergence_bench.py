@@ -4,6 +4,8 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import convergence as bench  # noqa: E402
@@ -45,3 +47,9 @@ def test_near_report_states_the_gpu_the_init_curve_and_each_step():
     assert "- fd_digits: best 5 at step 20 of 40; no later evaluation improves on it (last: 6)." in text
     assert "| mfd b64 | fd_digits | 2 | 5.5 ± 0.71 | 3 ± 0.71 |" in text
     assert summary["digits"]["claims"]["10x/fd_digits"]["reach_step"] == 2  # MFD at step 2 beats pH's final 5.5
+
+
+def test_arms_need_their_own_budget_name():
+    """--arms with a stock budget would overwrite that budget's results and section: refused."""
+    with pytest.raises(SystemExit, match="name the variant"):
+        bench.main(["--arms", "pseudo_huber=distance.name=l2", "--report-only"])
