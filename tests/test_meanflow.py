@@ -287,6 +287,7 @@ def test_bad_meanflow_combinations_fail_in_one_line(tmp_path):
         "denoise_sigmas": [*base, "eval.denoise_sigmas=[0.2]"],
         "mf_ratio": [*base, "objective.mf_ratio=1.5"],
         "mf_second": [*base, "objective.mf_second=h"],
+        "applies to objective.kind=meanflow only": ["objective.kind=ect", "objective.mf_ratio=0.5"],
     }
     for match, overrides in cases.items():
         with pytest.raises(AytError, match=match) as err:

@@ -125,7 +125,8 @@ def model_key(checkpoint_modules: dict, which: str = "ema") -> str:
             raise AytError("the checkpoint holds no EMA weights; pass --weights net to use the raw network")
         return "ema0"  # the first of train.ema_decays
     if which not in checkpoint_modules:
-        raise AytError(f"the checkpoint has no weights '{which}'; it has: {', '.join(sorted(checkpoint_modules))}")
+        networks = sorted(k for k in checkpoint_modules if k == "net" or k.startswith("ema"))  # not a task's extras (logvar)
+        raise AytError(f"the checkpoint has no weights '{which}'; its networks: {', '.join(networks)}")
     return which
 
 

@@ -283,6 +283,10 @@ def _rules_objective(c: ObjectiveConfig) -> None:
     _positive(c.mf_norm_p, "objective.mf_norm_p", zero=True)
     _positive(c.mf_norm_eps, "objective.mf_norm_eps")
     _one_of(c.mf_second, ["t-r", "r"], "objective.mf_second")
+    defaults = ObjectiveConfig()
+    for key in ("mf_ratio", "mf_norm_p", "mf_norm_eps", "mf_second"):
+        check(getattr(c, key) == getattr(defaults, key) or c.kind == "meanflow",
+              f"objective.{key} applies to objective.kind=meanflow only; drop it or set objective.kind=meanflow")
 
 
 def _rules_meanflow(c: Config) -> None:

@@ -193,7 +193,7 @@ class LogVarianceHead(nn.Module):
         g = torch.Generator().manual_seed(seed)  # fixed features; the global RNG (net init) is untouched
         self.register_buffer("freqs", 2 * math.pi * torch.randn(channels, generator=g))
         self.register_buffer("phases", 2 * math.pi * torch.rand(channels, generator=g))
-        self.linear = nn.Linear(channels, 1)
+        self.linear = nn.utils.skip_init(nn.Linear, channels, 1)  # no draw from the global RNG either
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
