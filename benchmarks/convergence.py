@@ -17,12 +17,30 @@ evaluation steps (a resumed run is bitwise identical to an uninterrupted one), s
 is scored at log-spaced steps (dense early, where a 10x speed-up would show) and the logged
 `wall_s` is training time only (evaluation runs after the segment's clock stops).
 
-Runs go to `runs/bench/convergence[-quick]/` and are reused: rerunning skips finished runs and
-resumes unfinished ones. Results (JSON + PNG) go to `benchmarks/results/`; `--write
-BENCHMARKS.md` writes the "convergence" section.
+All jobs (inits, then the arms seed by seed) go to one pool of `--workers` processes; an arm waits
+for its dataset's inits, so the arms of one dataset start while the other's inits still train.
+`--device cuda` trains and evaluates every run on the GPU (the workers share it; use several,
+e.g. 8 on an H200 with 16 cores); the default is the CPU, 1 torch thread per worker.
+
+Budgets: `full` (the default), `quick`, `long` (seed 0, batch 64, 480 steps on the full budget's
+inits) and `near`, the near-convergence regime of issue 12: EDM inits trained 10x longer (12000 /
+15000 steps), their metric scored 12 times over the run (reported, with the step where each metric
+stopped improving), then 640 ECT steps (4x), EMA 0.947 (0.947^64 ~ 0.03: ~3% of the init left at
+1/10 of the steps, as in `full`), feature networks and arms as in `full`. `--datasets` keeps a
+subset of the datasets, `--arms 'NAME=override,override;NAME=...'` replaces the two distances (the
+baseline is the arm named pseudo_huber, the claims use the arm named mfd; give such a set its own
+`--out`), and `--budget-json '{...}'` replaces any Budget field (tests, variants).
+
+Runs go to `runs/bench/convergence[-quick|-long|-near]/` (or `--out`) and are reused: rerunning
+skips finished runs and resumes unfinished ones. Results (JSON + PNG) go to `benchmarks/results/`
+(or `--results`); `--write FILE` writes the section named after the budget ("convergence",
+"convergence-near", ...) and nothing else; the JSON keeps the machine and the command, so
+`--near --report-only --write BENCHMARKS.md` rebuilds the section elsewhere from the JSON in
+`benchmarks/results/`.
 
     python benchmarks/convergence.py --quick                      # < 10 min, 1 seed, whole pipeline
     python benchmarks/convergence.py --write BENCHMARKS.md        # full size (< 90 min on 2 cores)
+    python benchmarks/convergence.py --near --device cuda --workers 8 --write BENCHMARKS.md  # GPU, ~4-5 min
     python benchmarks/convergence.py --ablations                  # small ablations on shapes, seed 0
 """
 
@@ -32,11 +50,13 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
 import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -73,6 +93,8 @@ class Budget:
     #: weights at the 1/10 budget point (decay^(steps/10) ~ 0.03); the presets' 0.99 would keep
     #: 85% at step 16 and hide any early speed-up.
     ema_decay: float = 0.8
+    edm_evals: int = 0  # evaluations of each EDM initialisation over its run (its metric curve; 0 = none)
+    arms: dict[str, list[str]] | None = None  # distance name -> overrides (None: MAIN_DISTANCES)
 
 
 FULL = Budget(
@@ -86,6 +108,13 @@ LONG = Budget(
     name="long", datasets=["shapes", "digits"], seeds=[0], ect_steps=480,
     eval_steps=[12, 24, 48, 96, 160, 240, 360, 480], ema_decay=0.93, batches=[64],
     edm_steps=FULL.edm_steps, feature_steps=FULL.feature_steps, num_samples=FULL.num_samples, noise_seeds=0,
+)
+#: The near-convergence regime (issue 12): EDM inits 10x FULL's, with their metric curve; 4x FULL's tuning.
+NEAR = Budget(
+    name="near", datasets=["shapes", "digits"], seeds=[0, 1, 2], ect_steps=640,
+    eval_steps=[16, 32, 64, 128, 256, 400, 640], ema_decay=0.947,  # 0.947^64 = 0.03
+    edm_steps={"shapes": 12000, "digits": 15000}, feature_steps=FULL.feature_steps, num_samples=FULL.num_samples,
+    edm_evals=12,
 )
 QUICK = Budget(
     name="quick", datasets=["shapes", "digits"], seeds=[0], ect_steps=40,
@@ -160,22 +189,34 @@ FEATURE_VARIANTS = {"features-geo": (1000, ("features.subset=geo",)), "features-
 
 
 def main_arms(budget: Budget) -> list[Arm]:
-    return [Arm(name, b, MAIN_DISTANCES[name]) for name in MAIN_DISTANCES for b in budget.batches]
+    distances = budget.arms or MAIN_DISTANCES
+    return [Arm(name, b, tuple(distances[name])) for name in distances for b in budget.batches]
+
+
+def parse_arms(text: str) -> dict[str, list[str]]:
+    """`NAME=override,override;NAME=...` -> {NAME: [override, ...]} (commas inside [...] stay)."""
+    pairs = [part.split("=", 1) for part in text.split(";") if part.strip()]
+    return {name.strip(): re.split(r",(?![^\[]*\])", overrides) for name, overrides in pairs}
 
 
 # ---------------------------------------------------------------- jobs (run in worker processes)
-def _worker_init() -> None:
+DEVICE = "cpu"  # where a worker trains and evaluates (set by `_worker_init` from --device)
+
+
+def _worker_init(device: str = "cpu") -> None:
     import warnings
 
     import torch
 
+    global DEVICE
+    DEVICE = device
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
 
 
 def _common(run_dir: Path, steps: int) -> list[str]:
     return [f"train.run_dir={run_dir}", f"train.steps={steps}", "log.progress=false", "log.tensorboard=false",
-            f"train.checkpoint_every={steps}", "train.keep_checkpoints=1"]
+            f"train.checkpoint_every={steps}", "train.keep_checkpoints=1", f"train.device={DEVICE}"]
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
@@ -185,6 +226,11 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return latest is not None and load_checkpoint(latest).step >= steps
 
 
+def _failed_marker(run_dir: str | Path) -> Path:
+    """`RUN.failed`, written when an init fails, so that the arms waiting for it stop waiting."""
+    return Path(f"{run_dir}.failed")
+
+
 def _has_checkpoint(run_dir: Path) -> bool:
     from ayt.checkpoint import find_latest
 
@@ -192,29 +238,38 @@ def _has_checkpoint(run_dir: Path) -> bool:
 
 
 def run_init(kind: str, dataset: str, run_dir: str, steps: int, extra: tuple[str, ...] = ()) -> dict:
-    """Train (or reuse) the EDM initialisation or a feature network; returns its cost."""
+    """Train (or reuse) the EDM initialisation or a feature network; returns its cost (and, with
+    `eval.every` among `extra`, the EDM model's metric curve, scored as the arms are)."""
     from ayt.checkpoint import load_checkpoint
     from ayt.config import load_config
 
     run = Path(run_dir)
     preset = ROOT / "configs" / f"{dataset}-{'edm' if kind == 'edm' else 'features'}.yaml"
-    config = load_config(preset, [*_common(run, steps), "train.sample_every=0", *extra])
     start = time.perf_counter()
-    if not _finished(run, steps):
-        if kind == "edm":
-            from ayt.train import train
+    try:
+        config = load_config(preset, [*_common(run, steps), "train.sample_every=0", *extra])
+        if not _finished(run, steps):
+            if kind == "edm":
+                from ayt.train import train
 
-            train(config, resume=_has_checkpoint(run))
-        else:
-            from ayt.train import train_features
+                evaluator = _timed_evaluator(config) if config.eval.every else None
+                train(config, resume=_has_checkpoint(run), evaluator=evaluator)
+            else:
+                from ayt.train import train_features
 
-            train_features(config, resume=_has_checkpoint(run))
+                train_features(config, resume=_has_checkpoint(run))
+    except Exception:
+        _failed_marker(run).parent.mkdir(parents=True, exist_ok=True)
+        _failed_marker(run).write_text(traceback.format_exc())
+        raise
     state = load_checkpoint(run).state
     out = {"kind": kind, "dataset": dataset, "run_dir": str(run), "steps": state["step"],
            "batch": config.train.batch_size, "images": state["images_seen"], "wall_s": state["wall_s"],
            "session_s": time.perf_counter() - start}
     if kind == "features":
         out["heldout"] = state.get("heldout")
+    elif state.get("metrics"):
+        out["curve"] = state["metrics"]
     return out
 
 
@@ -227,18 +282,19 @@ def _timed_evaluator(config):
     import dataclasses
 
     from ayt.build import build_data
+    from ayt.config import HEUN_STEPS
     from ayt.metrics.evaluate import FeatureScorer, _score_model, build_scorer
 
     dataset, ec = build_data(config), config.eval
     scorer = build_scorer(config, ec.metric, image_shape=(dataset.channels, dataset.resolution), dataset=dataset,
-                          device="cpu", seed=config.train.seed)
+                          device=DEVICE, seed=config.train.seed)
     if isinstance(scorer, FeatureScorer):
         scorer = dataclasses.replace(scorer, reference=dataclasses.replace(scorer.reference, features=None))
 
     def evaluator(net, step):
         start = time.perf_counter()
         metrics = _score_model(net, config, scorer, num_samples=ec.num_samples, sigmas=ec.sigmas,
-                               seed=config.train.seed, device="cpu", batch=256, heun_steps=18,
+                               seed=config.train.seed, device=DEVICE, batch=256, heun_steps=HEUN_STEPS,
                                denoise_sigmas=[], dataset=dataset)
         return {**metrics, "eval_s": time.perf_counter() - start}
 
@@ -246,8 +302,9 @@ def _timed_evaluator(config):
 
 
 def run_arm(dataset: str, arm: Arm, seed: int, run_dir: str, init_dir: str, features_dir: str,
-            eval_steps: list[int], num_samples: int, ema_decay: float) -> dict:
-    """Tune the cached EDM model with one arm, in segments ending at `eval_steps`; returns the curve."""
+            eval_steps: list[int], num_samples: int, ema_decay: float, init_steps: int = 0) -> dict:
+    """Tune the cached EDM model with one arm, in segments ending at `eval_steps`; returns the curve.
+    Waits until the EDM model has `init_steps` steps (and MFD's feature network a checkpoint)."""
     from ayt.checkpoint import load_checkpoint
     from ayt.config import load_config
 
@@ -255,22 +312,25 @@ def run_arm(dataset: str, arm: Arm, seed: int, run_dir: str, init_dir: str, feat
     done_file = run / "bench_done.json"
     if done_file.is_file():
         return json.loads(done_file.read_text())
-    waited = 0
-    while "distance.name=mfd" in arm.overrides and not _has_checkpoint(Path(features_dir)) and waited < 1800:
-        time.sleep(5)  # a feature network trained by another job of the same batch
-        waited += 5
+    needed = [(init_dir, init_steps), *([(features_dir, 0)] if "distance.name=mfd" in arm.overrides else [])]
+    while not all(_finished(Path(d), n) for d, n in needed):  # trained by an earlier job of the same pool
+        failed = [d for d, _ in needed if _failed_marker(d).is_file()]
+        if failed:
+            raise RuntimeError(f"not tuned: {failed[0]} failed to train")
+        time.sleep(5)
     preset = ROOT / "configs" / f"{dataset}-ect.yaml"
     overrides = [*_common(run, total), f"train.batch_size={arm.batch}", f"train.seed={seed}",
                  f"objective.init={init_dir}", f"objective.stage_steps={max(1, total // 4)}",
                  f"distance.features={features_dir}", "train.sample_every=0",
-                 f"eval.every={total}", f"eval.num_samples={num_samples}", f"train.ema_decays=[{ema_decay}]",
+                 f"eval.num_samples={num_samples}", f"train.ema_decays=[{ema_decay}]",
                  f"optim.lr={BENCH_LR}", *(o.replace("{edm}", init_dir) for o in arm.overrides)]
     start = time.perf_counter()
     evaluator = None
     for k in eval_steps:
         if _finished(run, k):
             continue
-        config = load_config(preset, [*overrides, f"train.steps={k}", f"train.checkpoint_every={k}"])
+        # eval.every=k: the trainer scores a run at its end only if it is at least eval.every steps long
+        config = load_config(preset, [*overrides, f"train.steps={k}", f"train.checkpoint_every={k}", f"eval.every={k}"])
         evaluator = evaluator or _timed_evaluator(config)
         from ayt.train import train
 
@@ -292,7 +352,7 @@ def run_noise(dataset: str, run_dirs: list[str], runs: int, num_samples: int, se
     for run_dir in run_dirs:
         net, config = load_model(run_dir)
         start = time.perf_counter()
-        summary = evaluate_runs(net, config, runs=runs, num_samples=num_samples, seed=seed)
+        summary = evaluate_runs(net, config, runs=runs, num_samples=num_samples, seed=seed, device=DEVICE)
         out[run_dir] = {"seconds": time.perf_counter() - start, **summary}
     return {"dataset": dataset, "num_samples": num_samples, "runs": runs, "results": out}
 
@@ -310,10 +370,11 @@ def lpips_status() -> str | None:
 
 # ---------------------------------------------------------------- orchestration
 class Runner:
-    """Submits jobs to a process pool (1 torch thread each) and logs start / end lines."""
+    """Submits jobs to a process pool (1 torch thread each, all on `device`) and logs start / end lines."""
 
-    def __init__(self, workers: int, deadline: float | None):
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init)
+    def __init__(self, workers: int, deadline: float | None, device: str = "cpu"):
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                                        initargs=(device,))
         self.deadline = deadline
         self.t0 = time.perf_counter()
 
@@ -323,6 +384,8 @@ class Runner:
     def map(self, jobs: list[tuple[str, object, tuple]]) -> dict[str, object]:
         """Run `(name, fn, args)` jobs; returns name -> result (or None where skipped / failed)."""
         futures, results = {}, {}
+        for _, _, args in (job for job in jobs if job[1] is run_init):
+            _failed_marker(args[2]).unlink(missing_ok=True)  # from an earlier session
         for name, fn, args in jobs:
             futures[self.pool.submit(_guarded, name, fn, args, self.deadline)] = name
         for future in as_completed(futures):
@@ -356,27 +419,32 @@ def _seeds_first(budget: Budget, arms: list[Arm]) -> list[tuple[int, str, Arm]]:
     return order
 
 
-def run_benchmark(budget: Budget, out: Path, workers: int, deadline: float | None, init_root: Path | None = None) -> dict:
+def run_benchmark(budget: Budget, out: Path, workers: int, deadline: float | None, init_root: Path | None = None,
+                  device: str = "cpu") -> dict:
     """Train the cached inits, every arm x seed, then measure the metric noise; returns all results."""
-    runner = Runner(workers, deadline)
+    runner = Runner(workers, deadline, device)
     start = time.perf_counter()
     runner.log(f"convergence benchmark '{budget.name}': {asdict(budget)} -> {out}")
     lpips = lpips_status()
     runner.log("LPIPS arm: " + ("available but not part of this budget" if lpips is None else f"skipped ({lpips})"))
     init_jobs, init_root = [], init_root or out
     for ds in budget.datasets:
-        init_jobs.append((f"{ds}/edm", run_init, ("edm", ds, str(init_root / ds / "edm"), budget.edm_steps[ds])))
+        every = budget.edm_steps[ds] // budget.edm_evals if budget.edm_evals else 0
+        evals = (f"eval.every={every}", f"eval.num_samples={budget.num_samples[ds]}") if every else ()
+        init_jobs.append((f"{ds}/edm", run_init, ("edm", ds, str(init_root / ds / "edm"), budget.edm_steps[ds], evals)))
         init_jobs.append((f"{ds}/features", run_init, ("features", ds, str(init_root / ds / "features"), budget.feature_steps[ds])))
-    inits = runner.map(sorted(init_jobs, key=lambda j: j[0].endswith("features")))
+    init_jobs.sort(key=lambda j: j[0].endswith("features"))
     arm_jobs = []
     for seed, ds, arm in _seeds_first(budget, main_arms(budget)):
         args = (ds, arm, seed, str(out / ds / f"{arm.folder}-s{seed}"), str(init_root / ds / "edm"),
-                str(init_root / ds / arm.features), budget.eval_steps, budget.num_samples[ds], budget.ema_decay)
+                str(init_root / ds / arm.features), budget.eval_steps, budget.num_samples[ds], budget.ema_decay,
+                budget.edm_steps[ds])
         arm_jobs.append((f"{ds}/{arm.folder}-s{seed}", run_arm, args))
-    arms = runner.map(arm_jobs)
+    done = runner.map(init_jobs + arm_jobs)  # a dataset's arms start as soon as its inits are trained (run_arm waits)
+    inits, arms = ({name: done[name] for name, _, _ in jobs} for jobs in (init_jobs, arm_jobs))
     noise_jobs = []
     for ds in budget.datasets if budget.noise_seeds else []:
-        dirs = [str(out / ds / f"{name}-b64-s{budget.seeds[0]}") for name in MAIN_DISTANCES]
+        dirs = [str(out / ds / f"{name}-b64-s{budget.seeds[0]}") for name in budget.arms or MAIN_DISTANCES]
         dirs = [d for d in dirs if (Path(d) / "bench_done.json").is_file()]
         if dirs:
             noise_jobs.append((f"{ds}/noise", run_noise, (ds, dirs, budget.noise_seeds, budget.num_samples[ds])))
@@ -384,14 +452,15 @@ def run_benchmark(budget: Budget, out: Path, workers: int, deadline: float | Non
     runner.close()
     total = time.perf_counter() - start
     runner.log(f"done in {total:.0f} s")
-    return {"budget": asdict(budget), "workers": workers, "lpips_skipped": lpips, "inits": inits, "arms": arms,
+    return {"budget": asdict(budget), "workers": workers, "device": device, "lpips_skipped": lpips, "inits": inits, "arms": arms,
             "noise": noise, "total_wall_s": total}
 
 
 def run_ablations(out: Path, workers: int, budget: Budget, names: list[str], batch: int,
-                  seeds: tuple[int, ...] = (0,), ds: str = "shapes", init_root: Path | None = None) -> dict:
+                  seeds: tuple[int, ...] = (0,), ds: str = "shapes", init_root: Path | None = None,
+                  device: str = "cpu") -> dict:
     """Small ablations on one dataset (seed 0 unless told): each named variant (plus its feature net if needed)."""
-    runner = Runner(workers, None)
+    runner = Runner(workers, None, device)
     inits = init_root or out  # --long reuses the main benchmark's EDM model and feature networks
     variants = sorted({ABLATIONS[n][1] for n in names} & set(FEATURE_VARIANTS))
     jobs = [(f"{ds}/{v}", run_init, ("features", ds, str(inits / ds / v), *FEATURE_VARIANTS[v])) for v in variants]
@@ -798,30 +867,70 @@ def init_lines(results: dict) -> list[str]:
     return [markdown_table(["shared init", "steps", "batch", "images", "train s", "held-out MSE ratio (features; < 1 beats zeros)"], rows)]
 
 
+def init_curve_lines(results: dict) -> list[str]:
+    """Each EDM initialisation's metric curve (`Budget.edm_evals`) and, per metric, where it stopped improving."""
+    from common import markdown_table
+
+    out = []
+    for name, r in (results.get("inits") or {}).items():
+        if not r or not r.get("curve"):
+            continue
+        curve, keys = r["curve"], [PRIMARY[r["dataset"]], *SECONDARY[r["dataset"]]]
+        rows = [[m["step"], *[_fmt(m[k]) for k in keys], f"{m['wall_s']:.0f}"] for m in curve]
+        out += [f"Metric curve of `{name}` (EMA, Heun 18 steps, scored like the arms; ECT tunes its last checkpoint):", "",
+                markdown_table(["step", *keys, "wall s (with the earlier evaluations)"], rows), ""]
+        for k in keys:
+            best = curve[0]
+            for m in curve[1:]:
+                best = m if not _better(best[k], m[k], k) else best
+            end = ("still improving at the last evaluation" if best is curve[-1] else
+                   f"no later evaluation improves on it (last: {_fmt(curve[-1][k])})")
+            out.append(f"- {k}: best {_fmt(best[k])} at step {best['step']} of {r['steps']}; {end}.")
+        out.append("")
+    return out
+
+
+def step_table(results: dict, ds: str, keys: list[str]) -> str:
+    """Each arm's metrics at every evaluation step: mean ± std over seeds."""
+    from common import markdown_table
+
+    steps, rows = results["budget"]["eval_steps"], []
+    for arm in main_arms(Budget(**results["budget"])):
+        runs = curves(results, ds, arm)
+        for k in keys if runs else []:
+            values = [[m[k] for r in runs for m in r["curve"] if m["step"] == s] for s in steps]
+            rows.append([arm.label, k, len(runs), *[_pm({"mean": sum(v) / len(v), "std": _std(v)}) if v else "-" for v in values]])
+    return markdown_table(["arm", "metric", "seeds", *[f"step {s}" for s in steps]], rows)
+
+
 def markdown(results: dict, summary: dict, plots: dict, command: str, notes: str | None,
              ablations: list[str] | None = None, extra: str | None = None) -> str:
     from common import machine_info, machine_line
 
     budget = results["budget"]
     total = budget["ect_steps"]
-    out = ["## Convergence (ECT vs ECT + AYT)", "",
+    device = results.get("device", "cpu")
+    out = [f"## Convergence{', near-convergence regime' if budget['name'] == 'near' else ''} (ECT vs ECT + AYT)", "",
            ("Tests method.md section 6 at CPU scale: *ECT + AYT reaches the baseline's final quality about 10x "
             "sooner* and *at 1/8 of the batch it matches the baseline*."), "",
-           f"Command: `{command}`", "", machine_line(machine_info()), "",
+           f"Command: `{command}`", "", machine_line(results.get("machine") or machine_info()), "",
            (f"Budget ({budget['name']}): every arm tunes the same cached EDM model for **{total} ECT steps** "
             f"(gap halves every {total // 4} steps, lr {BENCH_LR:g} for every arm, EMA {budget.get('ema_decay')}, preset `configs/<data>-ect.yaml` "
             "plus the distance), "
             f"seeds {budget['seeds']}, batches {budget['batches']}; the EMA model's 1-step samples are scored at steps "
             f"{budget['eval_steps']} with {budget['num_samples']} samples (fixed noise per seed). "
-            f"{results['workers']} worker processes, 1 torch thread each; the machine was shared with other jobs, so "
-            f"wall-clock numbers are indicative. Total wall-clock {results['total_wall_s'] / 60:.1f} min."), ""]
+            f"{results['workers']} worker processes, 1 torch thread each"
+            + ("; the machine was shared with other jobs, so " if device == "cpu" else f", all on one GPU ({device}); ")
+            + f"wall-clock numbers are indicative. Total wall-clock {results['total_wall_s'] / 60:.1f} min."), ""]
     if results.get("lpips_skipped"):
         out += [f"LPIPS arm skipped: {results['lpips_skipped']}", ""]
     if notes:  # the findings first; the tables they refer to follow
         out += [notes.strip(), ""]
-    out += ["### Shared initialisations (trained once, reused by every arm)", "", *init_lines(results), ""]
+    out += ["### Shared initialisations (trained once, reused by every arm)", "", *init_lines(results), "",
+            *init_curve_lines(results)]
     for ds, s in summary.items():
         out += [f"### {ds}", "", dataset_table(ds, s, total), "", *claims_text(ds, s, total), "",
+                "Mean ± std over seeds at every evaluation step:", "", step_table(results, ds, s["keys"]), "",
                 "Paired final differences (lower is better except coverage):", "", *paired_table(results, ds, s["keys"]), ""]
         if ds in plots:
             out += [f"![{ds} curves]({plots[ds]})", ""]
@@ -854,15 +963,22 @@ def _reexec_with_malloc_env() -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small budgets (< 10 min): checks the whole pipeline")
-    p.add_argument("--long", action="store_true", help="seed 0, batch 64, 3x the steps, reusing the full run's inits")
-    p.add_argument("--out", default=None, help="run folders (default runs/bench/convergence[-quick])")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small budgets (< 10 min): checks the whole pipeline")
+    size.add_argument("--long", action="store_true", help="seed 0, batch 64, 3x the steps, reusing the full run's inits")
+    size.add_argument("--near", action="store_true", help="near convergence: 10x longer EDM inits (metric curve), 4x the tuning")
+    p.add_argument("--device", default="cpu", help="where every run trains and is evaluated: cpu, cuda or cuda:N")
+    p.add_argument("--datasets", default=None, help="comma list, a subset of the budget's (shapes,digits)")
+    p.add_argument("--arms", default=None, help="distances to compare, 'NAME=override,override;NAME=...' instead of "
+                   "pseudo_huber and mfd (the baseline is the arm named pseudo_huber, the claims use mfd); use a new --out")
+    p.add_argument("--budget-json", default=None, help="JSON object of Budget fields replacing the size's (tests, variants)")
+    p.add_argument("--out", default=None, help="run folders (default runs/bench/convergence[-quick|-long|-near])")
     p.add_argument("--results", default=None, help="JSON + PNG folder (default benchmarks/results; quick: OUT/results)")
-    p.add_argument("--workers", type=int, default=2, help="parallel runs, 1 torch thread each")
+    p.add_argument("--workers", type=int, default=2, help="parallel runs, 1 torch thread each (cuda: all share the GPU)")
     p.add_argument("--deadline-min", type=float, default=None, help="start no new run after this many minutes")
-    p.add_argument("--write", default=None, help="write the 'convergence' section of this markdown file")
-    p.add_argument("--notes", default=str(ROOT / "benchmarks" / "results" / "convergence-notes.md"),
-                   help="markdown appended to the section (findings, ablations), if it exists")
+    p.add_argument("--write", default=None, help="write the 'convergence[-quick|-long|-near]' section of this markdown file")
+    p.add_argument("--notes", default=None, help="markdown appended to the section (findings, ablations), if it exists "
+                   "(default benchmarks/results/convergence[-long|-near]-notes.md)")
     p.add_argument("--report-only", action="store_true", help="rebuild tables / plots from the saved JSON")
     p.add_argument("--ablations", default=None, help="comma list of ablations, seed 0 unless --ablation-seeds (" + ", ".join(ABLATIONS) + ")")
     p.add_argument("--ablation-batch", type=int, default=64)
@@ -873,20 +989,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    budget = QUICK if args.quick else LONG if args.long else NEAR if args.near else FULL
+    changes = {**json.loads(args.budget_json or "{}"), **({"arms": parse_arms(args.arms)} if args.arms else {}),
+               **({"datasets": args.datasets.split(",")} if args.datasets else {})}
+    budget = replace(budget, **changes)
+    if budget.arms and budget.name in ("full", "quick", "long", "near"):
+        raise SystemExit(f"--arms replaces the main arms: name the variant, e.g. --budget-json "
+                         f"'{{\"name\": \"{budget.name}-variant\"}}', so that its results and section do not "
+                         f"overwrite the {budget.name} budget's")
     _reexec_with_malloc_env()
-    budget = QUICK if args.quick else LONG if args.long else FULL
-    suffix = "-quick" if args.quick else "-long" if args.long else ""
+    from ayt.runtime import check_device
+
+    check_device(args.device, "--device")
+    suffix = "" if budget.name == "full" else f"-{budget.name}"
     out = Path(args.out or ROOT / "runs" / "bench" / f"convergence{suffix}")
     init_root = ROOT / "runs" / "bench" / "convergence" if args.long else out
     results_dir = Path(args.results or (out / "results" if args.quick else ROOT / "benchmarks" / "results"))
     prefix = f"convergence{suffix}"
+    defaults = vars(parse_args([]))  # the command records the options that change what is measured
+    size = next((f"--{k}" for k in ("quick", "long", "near") if getattr(args, k)), None)
+    command = " ".join(["python benchmarks/convergence.py", *([size] if size else []),
+                        *(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
+                          if k in ("device", "datasets", "arms", "budget_json", "workers", "out") and v != defaults[k])])
     if args.ablations:
         names = args.ablations.split(",")
         unknown = [n for n in names if n not in ABLATIONS]
         if unknown:
             raise SystemExit(f"unknown ablation {unknown}; choose from {', '.join(ABLATIONS)}")
         seeds = tuple(int(v) for v in args.ablation_seeds.split(","))
-        res = run_ablations(out, args.workers, budget, names, args.ablation_batch, seeds, args.ablation_data, init_root)
+        res = run_ablations(out, args.workers, budget, names, args.ablation_batch, seeds, args.ablation_data, init_root,
+                            args.device)
         results_dir.mkdir(parents=True, exist_ok=True)
         path = results_dir / f"{prefix}-ablations-b{args.ablation_batch}.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
@@ -899,15 +1031,17 @@ def main(argv: list[str] | None = None) -> None:
         results = json.loads(json_path.read_text())
     else:
         deadline = None if args.deadline_min is None else time.time() + 60 * args.deadline_min
-        results = run_benchmark(budget, out, args.workers, deadline, init_root)
+        from common import machine_info
+
+        results = run_benchmark(budget, out, args.workers, deadline, init_root, args.device)
+        results.update(machine=machine_info(), command=command)
         results_dir.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=1))
     summary = summarise(results)
     (results_dir / f"{prefix}-summary.json").write_text(json.dumps(summary, indent=1))
     plots = {ds: plot(results, ds, results_dir / f"{prefix}-{ds}.png") for ds in summary}
-    command = "python benchmarks/convergence.py" + (" --quick" if args.quick else "") + (f" --out {args.out}" if args.out else "")
-    command += f" --write {args.write}" if args.write else ""
-    notes_path = Path(args.notes)
+    command = results.get("command", command) + (f" --write {Path(args.write).name}" if args.write else "")
+    notes_path = Path(args.notes or results_dir / f"{prefix}-notes.md")
     notes = notes_path.read_text() if notes_path.is_file() and not args.quick else None
     target = Path(args.write) if args.write else None
     rel = {ds: os.path.relpath(p, (target or ROOT / "BENCHMARKS.md").resolve().parent) for ds, p in plots.items()}
@@ -919,15 +1053,15 @@ def main(argv: list[str] | None = None) -> None:
         ablations += late_stability(ablation_files, results, ds)
     long_path = results_dir / "convergence-long.json"
     extra = None
-    if budget is FULL and long_path.is_file():
+    if budget.name == "full" and long_path.is_file():
         extra = long_markdown(json.loads(long_path.read_text()), results_dir, target)
     text = markdown(results, summary, rel, command, notes, ablations, extra)
     print(text)
     if target:
         from common import write_section
 
-        write_section(target, "convergence", text)
-        print(f"wrote the convergence section of {target}")
+        write_section(target, prefix, text)
+        print(f"wrote the {prefix} section of {target}")
 
 
 if __name__ == "__main__":

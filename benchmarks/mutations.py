@@ -38,6 +38,7 @@ class Mutation:
 
 
 PRECOND = "nets/precond.py"
+MEANFLOW = "objectives/meanflow.py"
 MUTATIONS = [
     Mutation("edm weight (t^2+sd^2)/(t sd)^2 -> 1/t^2", "objectives/diffusion.py",
              "weight = (t**2 + self.sigma_data**2) / (t * self.sigma_data) ** 2", "weight = 1 / t**2",
@@ -112,6 +113,36 @@ MUTATIONS = [
              "    w = 1.0 / t\n", "    w = torch.ones_like(t)\n", ("tests/test_continuous.py",)),
     Mutation("continuous: velocity (x_t - x_0)/t -> x_t - x_0", "objectives/continuous.py",
              "return (x_t - x0) / t.view(-1, 1, 1, 1)", "return x_t - x0", ("tests/test_continuous.py",)),
+    Mutation("continuous stabiliser: warm-up r not capped at 1", "objectives/continuous.py",
+             "min(1.0, step / warmup_steps)", "step / warmup_steps", ("tests/test_continuous.py",)),
+    Mutation("continuous stabiliser: warm-up scales the whole direction (r v, r)", "objectives/continuous.py",
+             "(v.to(x_t.dtype), torch.full_like(t, r))", "(r * v.to(x_t.dtype), torch.full_like(t, r))",
+             ("tests/test_continuous.py",)),
+    Mutation("continuous stabiliser: adaptive L/exp(u) + u -> L/exp(u)", "objectives/continuous.py",
+             "return loss * torch.exp(-u.to(loss.dtype)) + u.to(loss.dtype)", "return loss * torch.exp(-u.to(loss.dtype))",
+             ("tests/test_continuous.py",)),
+    Mutation("continuous stabiliser: fd step absolute, h = eps", "objectives/continuous.py",
+             "    h = eps * t\n", "    h = eps * torch.ones_like(t)\n", ("tests/test_continuous.py",)),
+    Mutation("continuous stabiliser: fd one-sided difference over 2h", "objectives/continuous.py",
+             "- fn(x_t - step_x, t - h * r)", "- fn(x_t, t)", ("tests/test_continuous.py",)),
+    Mutation("meanflow: target v - (t-r) du/dt -> v + (t-r) du/dt", MEANFLOW,
+             "return (v - (t - r).view(-1, 1, 1, 1)", "return (v + (t - r).view(-1, 1, 1, 1)", ("tests/test_meanflow.py",)),
+    Mutation("meanflow: JVP tangent (v, 0, 1) -> (v, 1, 1)", MEANFLOW,
+             "torch.zeros_like(r, dtype=z.dtype), torch.ones_like(t", "torch.ones_like(r, dtype=z.dtype), torch.ones_like(t",
+             ("tests/test_meanflow.py",)),
+    Mutation("meanflow: times not sorted (t >= r)", MEANFLOW,
+             "t, r = torch.maximum(a, b), torch.minimum(a, b)", "t, r = a, b", ("tests/test_meanflow.py",)),
+    Mutation("meanflow: adaptive weight power p -> p/2", MEANFLOW,
+             "return 1.0 / (squared.detach() + c) ** p", "return 1.0 / (squared.detach() + c) ** (p / 2)",
+             ("tests/test_meanflow.py",)),
+    Mutation("meanflow MFD: implied image z - t u -> z - (1-t) u", MEANFLOW,
+             "return self.z - t * self.u, self.z - t * self.target",
+             "return self.z - (1 - t) * self.u, self.z - (1 - t) * self.target", ("tests/test_meanflow.py",)),
+    Mutation("meanflow MFD: update size 2 w ||Delta|| -> 2 w ||Delta||^2", MEANFLOW,
+             "size = 2 * w * squared.detach().sqrt()", "size = 2 * w * squared.detach()", ("tests/test_meanflow.py",)),
+    Mutation("meanflow sampler: jump (t - r) u -> t u", "sampling.py",
+             "z = z - (t - r) * net(z, _levels(z, r), _levels(z, t), labels)",
+             "z = z - t * net(z, _levels(z, r), _levels(z, t), labels)", ("tests/test_meanflow.py",)),
 ]
 
 

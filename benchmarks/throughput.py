@@ -33,6 +33,7 @@ import tempfile
 import time
 import traceback
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +54,15 @@ from common import load_average, machine_info, machine_line, markdown_table, rea
 
 PRESETS = {"tiny": (16, "tiny_vgg", None), "cifar10-ddpmpp": (32, "vgg16_bn", 0.2)}  # resolution, MFD features, ECT dropout
 LABELS = {"pseudo_huber": "pseudo-Huber (pixel)", "mfd": "MFD aligned (AYT)", "mfd_plain": "MFD plain", "lpips": "LPIPS plain",
-          "lpips_aligned": "LPIPS aligned", "continuous": "continuous CT (pixel JVP)", "continuous_mfd": "continuous CT (MFD JVP)"}
+          "lpips_aligned": "LPIPS aligned", "continuous": "continuous CT (pixel JVP)", "continuous_mfd": "continuous CT (MFD JVP)",
+          "continuous_warmup": "continuous CT (pixel JVP) + tangent warm-up", "continuous_adaptive": "continuous CT (pixel JVP) + "
+          "adaptive weighting", "continuous_fd": "continuous CT (pixel, finite-difference JVP)"}
 MFD_TARGETS = {"tiny": 1.25, "cifar10-ddpmpp": 1.10}  # MFD step time / pseudo-Huber step time
 SAMPLING_TARGET = 1000.0  # images/s, 1-step sampling of the tiny preset on the CPU
 VERDICT = {True: "**PASS**", False: "**MISS**"}
 TARGET_DIM = 15  # regression targets of the feature network (subset "all")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
+log = partial(print, file=sys.stderr, flush=True)
 PHASE_LABELS = {"loss": "forwards + distance", "check": "finiteness check", "ema": "EMA"}  # others: their name
 
 # Per device: training batches, sampling batches, (warm-up, timed) rounds, profiled steps.
@@ -68,10 +72,6 @@ DEFAULTS = {  # key: {tiny, cifar10-ddpmpp}
     "cuda": {"batches": ([16, 64], [64, 128]), "sample_batches": ([256, 1024], [256, 1024]), "train_rounds": ((5, 20), (3, 10)),
              "sample_rounds": ((5, 20), (3, 10)), "phase_steps": (5, 3)},
 }
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ====================================================================== inputs: random images and weights
@@ -105,14 +105,14 @@ def config_for(spec: dict, distance: str, files: dict, run_dir: str):
     """The `Config` of one distance's run: preset, batch, precision, compile, device, random data."""
     preset = spec["preset"]
     res, _, dropout = PRESETS[preset]
-    features = f"distance.features={files.get(f'features-{preset}')}"
-    arm = {
-        "pseudo_huber": ["distance.name=pseudo_huber"],
+    features, ct = f"distance.features={files.get(f'features-{preset}')}", ["objective.kind=continuous", "distance.name=l2"]
+    lpips = ["distance.name=lpips", f"distance.lpips_weights={files.get('lpips')}"]
+    arm = {  # continuous_*: sCM's stabilisers on pixel tangents (the tangent warm-up never ends here)
+        "pseudo_huber": ["distance.name=pseudo_huber"], "lpips": lpips, "lpips_aligned": [*lpips, "distance.mode=aligned"],
         "mfd": ["distance.name=mfd", "distance.mode=aligned", features], "mfd_plain": ["distance.name=mfd", features],
-        "lpips": ["distance.name=lpips", f"distance.lpips_weights={files.get('lpips')}"],
-        "lpips_aligned": ["distance.name=lpips", "distance.mode=aligned", f"distance.lpips_weights={files.get('lpips')}"],
-        "continuous": ["objective.kind=continuous", "distance.name=l2"],
-        "continuous_mfd": ["objective.kind=continuous", "distance.name=mfd", features],
+        "continuous": ct, "continuous_mfd": ["objective.kind=continuous", "distance.name=mfd", features],
+        "continuous_warmup": [*ct, "objective.warmup_steps=1000000000"], "continuous_fd": [*ct, "objective.jvp=fd"],
+        "continuous_adaptive": [*ct, "objective.adaptive_weight=true"],
     }[distance]
     common = [
         "data.name=npz", f"data.root={files[preset]}", f"data.resolution={res}", f"network.preset={preset}",
@@ -136,7 +136,7 @@ def sync(device) -> None:
 
 def prewarm_optimizer(trainer, steps: int = 6) -> None:
     """RAdam's first ~5 steps skip the rectified update (cheaper steps); pass them with zero gradients (no weight change)."""
-    for p in trainer.net.parameters():
+    for p in trainer.params:  # the network's and those of the task's trained modules (e.g. a log-variance head)
         p.grad = torch.zeros_like(p)
     for _ in range(steps):
         trainer.optimizer.step()
@@ -145,7 +145,7 @@ def prewarm_optimizer(trainer, steps: int = 6) -> None:
 
 def resident_bytes(trainer) -> int:
     """Bytes of the tensors one trainer keeps between steps: network, EMAs, optimizer state, distance networks."""
-    modules = [trainer.net, *trainer.emas, trainer.task.objective]
+    modules = [trainer.net, *trainer.emas, *trainer.extras.values(), trainer.task.objective]
     tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
     tensors += [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())

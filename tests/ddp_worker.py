@@ -17,4 +17,6 @@ if __name__ == "__main__":
     trainer = Trainer(load_config(None, sys.argv[2:]))
     trainer.run()
     rank = int(os.environ.get("RANK", "0"))
-    save_file({k: v.contiguous() for k, v in trainer.net.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
+    weights = {k: v.contiguous() for k, v in trainer.net.state_dict().items()}
+    weights.update({f"{name}.{k}": v.contiguous() for name, module in trainer.extras.items() for k, v in module.state_dict().items()})
+    save_file(weights, str(out / f"rank{rank}.safetensors"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -166,6 +168,8 @@ def test_cli_continuous_training_and_distillation(tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
     init = load_checkpoint(edm).modules["ema0"]
     assert any(not torch.equal(a[k], init[k]) for k in a)  # training moved the weights
+    assert main(["train", "--resume", str(resumed), "train.steps=6", "objective.adaptive_weight=true"]) == 2
+    assert "has no weights 'logvar'" in capsys.readouterr().err  # the head cannot appear mid-run
     cd = tmp_path / "cd"
     assert main(["train", *tiny_args(cd, *common, "distance.name=mfd", f"distance.features={feats}",
                                      f"objective.teacher={edm}", "train.steps=2")]) == 0
@@ -217,3 +221,199 @@ def test_effective_sample_size():
     per = sum(effective_sample_size(loss_weights(row)) for row in t) / 200
     assert 4 < per < 16  # 1/t is heavy-tailed: about a tenth of the batch
     assert effective_sample_size(loss_weights(t[0], "batch_mean")) == pytest.approx(64)
+
+
+# ---------------------------------------------------------------- sCM's stabilisers (method.md section 5)
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest per-example relative error ||a - b|| / ||b||."""
+    return float(((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).max())
+
+
+def test_tangent_warmup_ramps_the_time_derivative():
+    """r = min(1, step / warmup_steps): the tangent is u(J_x f v + r df/dt) at steps 0, half, end, after."""
+    from ayt.objectives.continuous import output_tangent, tangent_warmup
+
+    assert [tangent_warmup(s, 10) for s in (0, 5, 10, 15)] == [0.0, 0.5, 1.0, 1.0]
+    assert tangent_warmup(0, 0) == 1.0  # off
+    net = small_net()
+    seen = student_call(net)
+    objective = ContinuousObjective(warmup_steps=10)
+    x0 = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    for step, r in ((0, 0.0), (5, 0.5), (10, 1.0), (15, 1.0)):
+        pair = objective.draw(net, x0, step=step, rng=StepRandom(torch.Generator().manual_seed(2)))
+        x_t, t = seen["x"], seen["t"]
+        v = (x_t - x0) / t.double().view(-1, 1, 1, 1)
+        _, along_x = output_tangent(net, x_t, t, v, r=0.0)  # J_x f v
+        _, along_t = output_tangent(net, x_t, t, torch.zeros_like(v), r=1.0)  # df/dt at fixed x
+        torch.testing.assert_close(pair.tangent, rms_normalise(along_x + r * along_t), rtol=1e-7, atol=1e-9)
+    assert _relative(along_t, along_x) > 1e-3  # both parts carry signal
+
+
+def test_adaptive_weighting_value_and_gradients():
+    """loss_i = L_i / exp(u(t_i)) + u(t_i); d mean / d u_i = (1 - L_i exp(-u_i)) / B reaches the head's
+    linear layer through its Fourier features; the network's gradient is scaled by exp(-u_i)."""
+    net = small_net()
+    seen = student_call(net)
+    x0 = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    draw = lambda: StepRandom(torch.Generator().manual_seed(2))  # noqa: E731
+    plain_loss = ContinuousObjective()(net, x0, rng=draw())
+    plain_loss.sum().backward()
+    plain_grad, t = seen["f"].grad.clone(), seen["t"]
+    objective = ContinuousObjective(adaptive_weight=True)
+    assert set(objective.trained_modules()) == {"logvar"}
+    torch.testing.assert_close(objective(net, x0, rng=draw()), plain_loss)  # zero-initialised head: u = 0
+    head = objective.logvar
+    with torch.no_grad():
+        head.linear.weight.copy_(0.3 * torch.randn(head.linear.weight.shape, generator=torch.Generator().manual_seed(3)))
+        head.linear.bias.fill_(0.2)
+    loss = objective(net, x0, rng=draw())
+    u = head(t).double().detach()
+    torch.testing.assert_close(loss.detach(), plain_loss.detach() / u.exp() + u)
+    loss.mean().backward()
+    coef = (1 - plain_loss.detach() * (-u).exp()) / len(u)
+    torch.testing.assert_close(head.linear.weight.grad[0].double(), coef @ head.features(t).double(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(head.linear.bias.grad.double(), coef.sum().view(1), rtol=1e-5, atol=1e-7)
+    # mean over the batch here, sum for the plain loss: 1/B
+    torch.testing.assert_close(seen["f"].grad, plain_grad * (-u).exp().view(-1, 1, 1, 1) / len(u))
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_finite_difference_jvp_matches_the_exact_jvp(features):
+    """jvp=fd: central differences with h = fd_eps * t agree with torch.func.jvp to ~1e-8 in float64
+    (fd_eps 1e-4); in float32 at the default fd_eps 3e-3, to 2e-3 in pixels (measured 1e-3) and 1e-2
+    through the ReLU feature network (measured 4e-3: a step across a kink is only first-order)."""
+    from ayt.objectives.continuous import FD_EPS, fd_tangent, output_tangent
+    from ayt.schedules import lognormal_t
+
+    for dtype, eps, tol in ((torch.float64, 1e-4, 1e-6), (torch.float32, FD_EPS, 1e-2 if features else 2e-3)):
+        net = small_net(dtype)
+        mfd = MFD(net=TinyVGG(3, 15, width=4, resolution=8)).to(dtype) if features else None
+        phi = None if mfd is None else ContinuousObjective(mfd).phi
+        g = torch.Generator().manual_seed(1)
+        x0 = torch.rand(6, 3, 8, 8, generator=g, dtype=dtype) * 2 - 1
+        t = lognormal_t(torch.randn(6, generator=g), -1.1, 2.0).to(dtype)
+        v = torch.randn(6, 3, 8, 8, generator=g, dtype=dtype)
+        x_t = x0 + t.view(-1, 1, 1, 1) * v
+        for r in (1.0, 0.5):
+            _, exact = output_tangent(net, x_t, t, v, phi=phi, r=r)
+            assert _relative(fd_tangent(net, x_t, t, v, phi=phi, r=r, eps=eps), exact) < tol, (dtype, r)
+    # the objective with jvp=fd: the same loss as with the exact JVP, up to the difference error
+    x0 = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    net = small_net()
+    mfd = MFD(net=TinyVGG(3, 15, width=4, resolution=8)).double() if features else None
+    exact = ContinuousObjective(mfd)(net, x0, rng=StepRandom(torch.Generator().manual_seed(2)))
+    fd = ContinuousObjective(mfd, jvp="fd", fd_eps=1e-4)(net, x0, rng=StepRandom(torch.Generator().manual_seed(2)))
+    torch.testing.assert_close(fd, exact, rtol=1e-6, atol=0)
+
+
+def test_stabilisers_run_in_fp32_under_bf16_autocast():
+    """Like the exact JVP, the finite differences and the log-variance head run in fp32 under autocast."""
+    from ayt.objectives.continuous import LogVarianceHead, fd_tangent
+
+    net = small_net(torch.float32)
+    g = torch.Generator().manual_seed(1)
+    x_t, v, t = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g), torch.tensor([0.3, 2.0])
+    plain = fd_tangent(net, x_t, t, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = fd_tangent(net, x_t, t, v)
+        u = LogVarianceHead()(t)
+    assert mixed.dtype == u.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, rtol=0, atol=0)
+
+
+def test_cli_training_with_all_stabilisers_resumes_bitwise(tmp_path, capsys):
+    """warm-up + adaptive weighting + finite-difference JVP: trains from the CLI on 16x16 shapes, the
+    log-variance head is trained and checkpointed, a resumed run equals an uninterrupted one (network,
+    EMA, head, optimiser), sampling ignores the head, and resuming with other settings fails in one line."""
+    from ayt.build import load_model
+    from ayt.checkpoint import load_checkpoint
+
+    common = ["objective.kind=continuous", "distance.name=l2", "data.resolution=16", "train.batch_size=8",
+              "network.dropout=0.2", "train.checkpoint_every=2", "objective.warmup_steps=3",
+              "objective.adaptive_weight=true", "objective.jvp=fd"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", *tiny_args(straight, *common, "train.steps=4")]) == 0
+    assert main(["train", *tiny_args(resumed, *common, "train.steps=2")]) == 0
+    assert main(["train", "--resume", str(resumed), "train.steps=4"]) == 0
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert set(a.modules) == {"net", "ema0", "logvar"}
+    for name in a.modules:
+        assert all(torch.equal(a.modules[name][k], b.modules[name][k]) for k in a.modules[name]), name
+    opt_a, opt_b = a.extra["optimizer"]["state"], b.extra["optimizer"]["state"]
+    assert len(opt_a) == len(list(load_model(straight)[0].parameters())) + 2  # the network's, then the head's
+    assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+    assert a.modules["logvar"]["linear.bias"].abs().item() > 0  # the head was trained
+    import json
+
+    logged = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [r["tangent_warmup"] for r in logged if "tangent_warmup" in r] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert main(["sample", str(resumed), "-n", "4", "--npz", str(tmp_path / "s.npz")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(resumed), "train.steps=6", "objective.adaptive_weight=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds weights ['logvar']" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("override, phrase", [
+    ("objective.warmup_steps=-1", "objective.warmup_steps=-1 must be >= 0"),
+    ("objective.fd_eps=0", "objective.fd_eps=0.0 must lie in (0, 1)"),
+    ("objective.fd_eps=1", "objective.fd_eps=1.0 must lie in (0, 1)"),
+    ("objective.jvp=forward", "objective.jvp='forward' is not valid"),
+])
+def test_bad_stabiliser_values(override, phrase):
+    from ayt.config import ObjectiveConfig
+    from ayt.objectives.continuous import FD_EPS
+
+    assert ObjectiveConfig().fd_eps == FD_EPS  # the config's default is the library's (config.py cannot import it)
+    with pytest.raises(AytError, match=re.escape(phrase)):
+        load_config(None, ["objective.kind=continuous", "distance.name=l2", override])
+
+
+@pytest.mark.parametrize("override", ["objective.warmup_steps=10", "objective.adaptive_weight=true", "objective.jvp=fd"])
+def test_stabilisers_are_for_the_continuous_objective_only(override, capsys, tmp_path):
+    key = override.split("=")[0]
+    assert main(["train", *tiny_args(tmp_path / "ect", override)]) == 2  # ECT (the default kind)
+    err = capsys.readouterr().err.strip()
+    assert f"{key} applies to objective.kind=continuous only" in err and "\n" not in err
+    assert not (tmp_path / "ect").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_average_the_log_variance_head(tmp_path):
+    """With adaptive weighting under 2-process gloo DDP, the head (outside DDP) gets the averaged
+    gradient: both ranks hold the same head, equal to one process's at the same global batch."""
+    from safetensors.torch import load_file
+
+    from test_train import _run_worker
+
+    args = ["objective.kind=continuous", "distance.name=l2", "objective.adaptive_weight=true", "train.batch_size=8",
+            "train.steps=3", "train.checkpoint_every=3", "train.device=cpu", "optim.lr=0.01"]
+    for name, nproc in (("ddp", 2), ("one", 1)):
+        (tmp_path / name).mkdir()
+        _run_worker(tmp_path / name, tiny_args(tmp_path / name / "run", *args), nproc=nproc)
+    r0, r1 = load_file(tmp_path / "ddp" / "rank0.safetensors"), load_file(tmp_path / "ddp" / "rank1.safetensors")
+    single = load_file(tmp_path / "one" / "rank0.safetensors")
+    head = [k for k in r0 if k.startswith("logvar.")]
+    assert head and single["logvar.linear.bias"].abs().item() > 1e-3  # the head was trained
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+        assert torch.allclose(r0[key], single[key], atol=1e-5, rtol=0), key
+
+
+def test_the_log_variance_head_learns_the_expected_loss():
+    """Minimising mean(L / exp(u(t)) + u(t)) over the head gives exp(u(t)) = E[L | t]: with L = 1/(2t)
+    (the continuous loss of a large tangent), u(t) -> ln(1/(2t)) over the levels lognormal t visits."""
+    from ayt.objectives.continuous import LogVarianceHead, adaptive_weighted
+    from ayt.schedules import lognormal_t
+
+    head = LogVarianceHead()
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(600):
+        t = lognormal_t(torch.randn(128, generator=g), -1.1, 2.0)
+        loss = adaptive_weighted(0.5 / t, head(t)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    t = torch.tensor([0.01, 0.1, 0.5, 2.0, 10.0])
+    assert (head(t).detach() - (0.5 / t).log()).abs().max() < 0.2

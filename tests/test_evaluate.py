@@ -15,7 +15,7 @@ from ayt.config import Config, DataConfig, NetworkConfig
 from ayt.data import build_dataset
 from ayt.errors import AytError
 from ayt.metrics import classifier, evaluate, inception
-from ayt.metrics.commands import add_parsers
+from ayt.commands.evaluate import add_parsers
 from ayt.metrics.evaluate import build_evaluator, evaluate_model, evaluate_runs
 from ayt.sampling import schedule_for, stream
 from ayt.metrics.frechet import FeatureStats

@@ -14,7 +14,7 @@ import pytest
 from ayt.checkpoint import save_checkpoint
 from ayt.errors import AytError
 from ayt.metrics import evaluate, inception
-from ayt.metrics.commands import add_parsers
+from ayt.commands.evaluate import add_parsers
 from ayt.metrics.evaluate import fid_protocol, load_ref_stats
 from ayt.metrics.frechet import FeatureStats
 from ayt.metrics.inception import FEATURE_KIND, PIPELINE

@@ -5,6 +5,7 @@ import torch
 
 from ayt.cli import main
 from ayt.checkpoint import load_checkpoint
+from test_edm_pickle import fake_persistence, write_edm_pickle  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -18,7 +19,7 @@ TINY = [
 def test_edm_then_ect_then_ayt_on_cuda(tmp_path, precision):
     edm, feats, ayt = tmp_path / "edm", tmp_path / "features", tmp_path / "ayt"
     assert main(["train", *TINY, "objective.kind=edm", "train.steps=20", f"train.precision={precision}", f"train.run_dir={edm}"]) == 0
-    assert main(["train-features", *TINY, "train.steps=20", "train.batch_size=64", f"train.run_dir={feats}"]) == 0
+    assert main(["train-features", *TINY, "train.steps=20", "train.batch_size=64", "features.holdout=128", f"train.run_dir={feats}"]) == 0
     argv = [*TINY, "train.steps=20", f"train.precision={precision}", f"objective.init={edm}", "distance.name=mfd",
             "distance.mode=pixel+aligned", f"distance.features={feats}", "eval.every=10", "eval.num_samples=128", f"train.run_dir={ayt}"]
     assert main(["train", *argv]) == 0
@@ -74,3 +75,57 @@ def test_tangents_on_cuda(tmp_path):
     assert main(["tangents", str(run), "--distances", "pseudo_huber,continuous", "--num", "8", "--buckets", "2",
                  "--device", "cuda", "--out", str(tmp_path / "tan")]) == 0
     assert (tmp_path / "tan" / "tangents.json").is_file()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_continuous_mfd_distillation_on_cuda(tmp_path, precision):
+    """The JVP runs in fp32 under bf16 autocast (machine-notes: bf16 autocast + jvp fails otherwise)."""
+    edm, feats, cd = tmp_path / "edm", tmp_path / "features", tmp_path / "cd"
+    assert main(["train", *TINY, "objective.kind=edm", "train.steps=10", f"train.run_dir={edm}"]) == 0
+    assert main(["train-features", *TINY, "train.steps=10", "train.batch_size=64", "features.holdout=128", f"train.run_dir={feats}"]) == 0
+    assert main(["train", *TINY, "objective.kind=continuous", f"objective.init={edm}", f"objective.teacher={edm}",
+                 "distance.name=mfd", f"distance.features={feats}", "network.dropout=0.2", "train.steps=10",
+                 f"train.precision={precision}", f"train.run_dir={cd}"]) == 0
+    ckpt = load_checkpoint(cd)
+    assert ckpt.step == 10 and all(torch.isfinite(v).all() for v in ckpt.modules["net"].values())
+
+
+def test_compiled_continuous_training_on_cuda(tmp_path):
+    """A compiled model under torch.func.jvp (compiling the jvp call itself fails: machine-notes)."""
+    run = tmp_path / "ct"
+    assert main(["train", *TINY, "objective.kind=continuous", "distance.name=l2", "train.steps=6",
+                 "train.compile=true", "train.precision=bf16", f"train.run_dir={run}"]) == 0
+    assert load_checkpoint(run).step == 6
+
+
+def test_edm_pickle_init_and_sample_on_cuda(tmp_path, fake_persistence):
+    """An EDM-format pickle (built as EDM writes it) initialises ECT on CUDA and samples there."""
+    pkl = tmp_path / "edm.pkl"
+    write_edm_pickle(pkl)
+    arch = "network.overrides={model_channels: 16, num_blocks: 1}"
+    run = tmp_path / "ect"
+    assert main(["train", "--config", "configs/shapes-ect.yaml", *TINY, f"objective.init={pkl}", "train.steps=4",
+                 "eval.every=0", arch, f"train.run_dir={run}"]) == 0
+    for source in (pkl, run):
+        assert main(["sample", str(source), "-n", "8", "--steps", "1", "--device", "cuda",
+                     "--npz", str(tmp_path / f"s-{source.name}.npz")]) == 0
+
+
+@pytest.mark.parametrize("precision,compile_", [("fp32", False), ("bf16", False), ("bf16", True)])
+def test_meanflow_pixel_and_mfd_on_cuda(tmp_path, precision, compile_):
+    """MeanFlow trains from scratch on CUDA (fp32 JVP under bf16 autocast, also with torch.compile),
+    with the pixel loss and the MFD direction, and samples in 1 and 2 steps."""
+    feats = tmp_path / "features"
+    assert main(["train-features", *TINY, "train.steps=10", "train.batch_size=64", "features.holdout=128",
+                 f"train.run_dir={feats}"]) == 0
+    common = [*TINY, "objective.kind=meanflow", "train.steps=12", "train.batch_size=32", f"train.precision={precision}",
+              f"train.compile={str(compile_).lower()}", "objective.mf_ratio=0.75"]
+    for name, extra in (("pixel", ["distance.name=squared_l2"]),
+                        ("mfd", ["distance.name=mfd", "distance.mode=aligned", f"distance.features={feats}"])):
+        run = tmp_path / name
+        assert main(["train", *common, *extra, f"train.run_dir={run}"]) == 0
+        ckpt = load_checkpoint(run)
+        assert ckpt.step == 12 and all(torch.isfinite(v).all() for v in ckpt.modules["ema0"].values())
+        for steps in ("1", "2"):
+            assert main(["sample", str(run), "-n", "16", "--steps", steps, "--device", "cuda",
+                         "--npz", str(tmp_path / f"{name}-{steps}.npz")]) == 0

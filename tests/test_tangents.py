@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from ayt.analysis.commands import add_parser, run_cli
+from ayt.commands.tangents import add_parser, run_cli
 from ayt.analysis.decompose import decompose, oscillation, project_on_shapes, render_jacobian
 from ayt.analysis.tangents import (
     all_tangents,

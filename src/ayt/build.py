@@ -16,13 +16,14 @@ from ayt.data import ImageDataset, build_dataset
 from ayt.errors import AytError, check
 from ayt.losses import build_distance
 from ayt.losses.aligned import Aligned
-from ayt.nets import NETWORK_PRESETS, PRESET_ARCHITECTURES, Precond, build_network
+from ayt.nets import NETWORK_PRESETS, PRESET_ARCHITECTURES, MeanFlowNet, Precond, build_meanflow_network, build_network
 from ayt.nets.edm_pickle import EdmArchitecture, edm_network, is_edm_pickle
-from ayt.objectives import ContinuousObjective, ECTObjective, EDMObjective
+from ayt.objectives import ContinuousObjective, ECTObjective, EDMObjective, MeanFlowObjective
 from ayt.schedules import ect_gap
 
-# Objective defaults of the lognormal noise-level distribution: (P_mean, P_std).
-LOGNORMAL_DEFAULTS = {"ect": (-1.1, 2.0), "continuous": (-1.1, 2.0), "edm": (-1.2, 1.2)}
+# Objective defaults of the lognormal noise-level distribution: (P_mean, P_std); for meanflow the
+# logit-normal (t, r) distribution of the paper's ImageNet ablation (CIFAR-10: configs/cifar10-meanflow.yaml).
+LOGNORMAL_DEFAULTS = {"ect": (-1.1, 2.0), "continuous": (-1.1, 2.0), "edm": (-1.2, 1.2), "meanflow": (-0.4, 1.0)}
 MIN_GAP = 2.0**-20  # smallest relative gap d(stage) that float32 t and r still resolve
 
 
@@ -31,11 +32,15 @@ def build_data(config: Config) -> ImageDataset:
     return build_dataset(**dataclasses.asdict(config.data))
 
 
-def build_net(config: Config, resolution: int, channels: int, num_classes: int = 0) -> Precond:
-    """The preconditioned U-Net for images of the given shape."""
+def build_net(config: Config, resolution: int, channels: int, num_classes: int = 0) -> Precond | MeanFlowNet:
+    """The preconditioned U-Net for images of the given shape (a `MeanFlowNet` for objective.kind=meanflow)."""
     n = config.network
     if n.conditional and num_classes == 0:
         raise AytError("network.conditional=true needs a labelled dataset; set network.conditional=false")
+    if config.objective.kind == "meanflow":
+        return build_meanflow_network(n.preset, img_resolution=resolution, in_channels=channels,
+                                      label_dim=num_classes if n.conditional else 0, dropout=n.dropout,
+                                      second=config.objective.mf_second, overrides=dict(n.overrides))
     return build_network(
         n.preset,
         img_resolution=resolution,
@@ -66,7 +71,9 @@ def build_objective(config: Config, resolution: int | None = None, channels: int
         d = config.distance
         mfd = build_distance("mfd", **distance_options(config, "mfd", resolution, channels)) if d.name == "mfd" else None
         teacher = _load_teacher(o.teacher, resolution, channels) if o.teacher else None
-        return ContinuousObjective(mfd, teacher, p_mean, p_std, o.weighting)
+        return ContinuousObjective(mfd, teacher, p_mean, p_std, o.weighting, o.warmup_steps, o.adaptive_weight, o.jvp, o.fd_eps)
+    if o.kind == "meanflow":
+        return _meanflow_objective(config, p_mean, p_std, resolution, channels)
     final_stage = config.train.steps // o.stage_steps if o.stage_steps else 0
     if ect_gap(final_stage, o.q) < MIN_GAP:
         raise AytError(
@@ -81,6 +88,21 @@ def build_objective(config: Config, resolution: int | None = None, channels: int
         return ECTObjective(Aligned(main), p_mean, p_std, o.q, o.k, o.b, o.stage_steps)
     pixel = build_distance(d.pixel, **distance_options(config, d.pixel, resolution, channels))
     return ECTObjective(pixel, p_mean, p_std, o.q, o.k, o.b, o.stage_steps, Aligned(main), d.weight, d.ramp_steps)
+
+
+def _meanflow_objective(config: Config, p_mean: float, p_std: float, resolution: int | None,
+                        channels: int | None) -> MeanFlowObjective:
+    """MeanFlow in pixels (distance.mode=pixel) or with the unit-gradient direction of distance.name
+    (distance.mode=aligned, e.g. MFD); the run's sampling schedules are checked here, before training."""
+    from ayt.sampling import schedule_for
+
+    for spec in (config.train.sample_sigmas, config.eval.sigmas):
+        schedule_for(config, spec)
+    o, d = config.objective, config.distance
+    aligned = None
+    if d.mode == "aligned":
+        aligned = Aligned(build_distance(d.name, **distance_options(config, d.name, resolution, channels)))
+    return MeanFlowObjective(aligned, p_mean, p_std, o.mf_ratio, o.mf_norm_p, o.mf_norm_eps)
 
 
 def distance_options(config: Config, name: str, resolution: int | None = None, channels: int | None = None) -> dict:
@@ -103,7 +125,8 @@ def model_key(checkpoint_modules: dict, which: str = "ema") -> str:
             raise AytError("the checkpoint holds no EMA weights; pass --weights net to use the raw network")
         return "ema0"  # the first of train.ema_decays
     if which not in checkpoint_modules:
-        raise AytError(f"the checkpoint has no weights '{which}'; it has: {', '.join(sorted(checkpoint_modules))}")
+        networks = sorted(k for k in checkpoint_modules if k == "net" or k.startswith("ema"))  # not a task's extras (logvar)
+        raise AytError(f"the checkpoint has no weights '{which}'; its networks: {', '.join(networks)}")
     return which
 
 
@@ -119,7 +142,7 @@ def _load_teacher(path: str, resolution: int | None, channels: int | None) -> Pr
     return net.requires_grad_(False)
 
 
-def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[Precond, Config]:
+def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> tuple[Precond | MeanFlowNet, Config]:
     """Rebuild a network from a checkpoint (folder or run directory) with the config it was trained with.
 
     An EDM network pickle (`.pkl`, e.g. `edm-cifar10-32x32-uncond-vp.pkl`) is read without

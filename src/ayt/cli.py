@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images from a checkpoint", description="1-step or multistep sampling from a checkpoint (file or run folder).")
     p.add_argument("checkpoint", help="checkpoint folder, run folder (its latest checkpoint) or EDM network .pkl")
     p.add_argument("-n", "--num", type=int, default=64, help="number of images (default 64)")
-    p.add_argument("--steps", default="1", help="consistency schedule: 1, 2 (80, 0.821) or a comma list of levels")
+    p.add_argument("--steps", default="1", help="consistency schedule: 1, 2 (80, 0.821) or a comma list of levels; "
+                   "MeanFlow: N uniform steps or a comma list of times from 1")
     p.add_argument("--out", help="PNG grid to write")
     p.add_argument("--grid-max", type=int, default=256, help="at most this many images in the grid (default 256)")
     p.add_argument("--npz", help="npz file for all images (uint8 NHWC, key 'images')")
@@ -170,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU with bf16 matmul, see BENCHMARKS.md)")
     p.set_defaults(func=cmd_sample)
 
-    from ayt.analysis.args import add_parser as add_tangents
-    from ayt.metrics.commands import add_parsers as add_eval
+    from ayt.commands.evaluate import add_parsers as add_eval
+    from ayt.commands.tangents import add_parser as add_tangents
 
     add_eval(sub)
     add_tangents(sub)

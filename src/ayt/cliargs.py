@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ayt.config import HEUN_STEPS
+
 
 def add_model_args(p: argparse.ArgumentParser, seed_help: str = "noise seed (default 0)", sampling: bool = True) -> None:
     """`--weights`, `--device`, `--seed`; with `sampling` also `--batch` and `--heun-steps`."""
@@ -13,4 +15,5 @@ def add_model_args(p: argparse.ArgumentParser, seed_help: str = "noise seed (def
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     if sampling:
         p.add_argument("--batch", type=int, default=256, help="images per network call (default 256)")
-        p.add_argument("--heun-steps", type=int, default=18, help="EDM Heun steps for diffusion checkpoints (default 18)")
+        p.add_argument("--heun-steps", type=int, default=HEUN_STEPS,
+                       help=f"EDM Heun steps for diffusion checkpoints (default {HEUN_STEPS})")

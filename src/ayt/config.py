@@ -27,11 +27,12 @@ from ayt.errors import AytError, check
 
 DATASETS = ("shapes", "digits", "cifar10", "folder", "npz")  # see ayt.data.build_dataset
 # The named choices of the config, defined once (the modules that act on them import these).
-OBJECTIVE_KINDS = ("ect", "edm", "continuous")
+OBJECTIVE_KINDS = ("ect", "edm", "continuous", "meanflow")
 FEATURE_ARCHS = ("vgg16_bn", "resnet18", "tiny_vgg")  # see ayt.features.nets.build_feature_net
 OPTIMIZERS = ("radam", "adam")
 PRECISIONS = ("fp32", "bf16")
 METRICS = ("auto", "manifold", "fd_digits", "fid", "none")  # eval.metric; see ayt.metrics.evaluate
+HEUN_STEPS = 18  # EDM's Heun steps for CIFAR-10 (35 network calls): diffusion models' default sampler
 
 
 @dataclass
@@ -65,11 +66,12 @@ class NetworkConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """What the loss is: EDM diffusion pretraining, ECT, or continuous-time consistency training/distillation."""
+    """What the loss is: EDM diffusion pretraining, ECT, continuous-time consistency training/distillation,
+    or MeanFlow (method.md section 8)."""
 
-    kind: str = "ect"  # ect | edm | continuous
-    p_mean: float | None = None  # lognormal t: None -> -1.1 for ect and continuous, -1.2 for edm
-    p_std: float | None = None  # None -> 2.0 for ect, 1.2 for edm
+    kind: str = "ect"  # ect | edm | continuous | meanflow
+    p_mean: float | None = None  # lognormal t (meanflow: logit-normal t and r): None -> -1.1 for ect and continuous, -1.2 for edm, -0.4 for meanflow
+    p_std: float | None = None  # None -> 2.0 for ect, 1.2 for edm, 1.0 for meanflow
     q: float = 2.0  # ECT gap ratio: d(stage) = q^-(stage+1)
     k: float = 8.0  # ECT t -> r mapping constant
     b: float = 1.0  # ECT t -> r mapping constant
@@ -77,6 +79,16 @@ class ObjectiveConfig:
     init: str | None = None  # checkpoint (folder, run dir or EDM .pkl) whose EMA weights initialise the net
     teacher: str | None = None  # continuous only: EDM checkpoint (run dir or EDM .pkl) whose EMA is the frozen teacher (distillation)
     weighting: str = "per_example"  # continuous only: per_example (1/t_i) | batch_mean (mean 1/t, the reference as written)
+    # continuous only, sCM's stabilisers (Lu & Song 2024, Algorithm 1; method.md section 5); all off by default:
+    warmup_steps: int = 0  # tangent warm-up: JVP along (v, r), r = min(1, step/warmup_steps); 0 = off (sCM: 10k iterations)
+    adaptive_weight: bool = False  # learned log-variance u(t) (EDM2 head on c_noise): loss L / exp(u) + u per example
+    jvp: str = "exact"  # exact (torch.func.jvp) | fd (central differences, for networks without forward-mode AD)
+    fd_eps: float = 3e-3  # jvp=fd: relative step h = fd_eps * t, in (0, 1); balances truncation and fp32 rounding (error ~1e-3 pixels, ~4e-3 MFD)
+    # meanflow only (method.md section 8); defaults: the official JAX code's ImageNet config (CIFAR-10: configs/cifar10-meanflow.yaml)
+    mf_ratio: float = 0.25  # fraction of draws with r != t (the others have r = t: plain flow matching)
+    mf_norm_p: float = 1.0  # adaptive loss weight 1 / (loss + mf_norm_eps)^mf_norm_p
+    mf_norm_eps: float = 0.01
+    mf_second: str = "t-r"  # the net's second time input: t-r (paper) | r
 
 
 @dataclass
@@ -199,6 +211,8 @@ class Config:
         check(self.objective.kind != "continuous" or self.distance.name in ("l2", "mfd"),
               f"objective.kind=continuous takes tangents in pixels (distance.name=l2) or in MFD features "
               f"(distance.name=mfd), not distance.name={self.distance.name}")
+        if self.objective.kind == "meanflow":
+            _rules_meanflow(self)
         check(
             self.train.batch_size % self.train.grad_accum == 0,
             f"train.batch_size={self.train.batch_size} is not divisible by train.grad_accum={self.train.grad_accum}",
@@ -246,15 +260,45 @@ def _rules_network(c: NetworkConfig) -> None:
 
 def _rules_objective(c: ObjectiveConfig) -> None:
     _one_of(c.kind, list(OBJECTIVE_KINDS), "objective.kind")
+    check(c.teacher is None or c.kind != "meanflow",
+          "objective.kind=meanflow trains from data alone (no teacher); drop objective.teacher")
     check(c.teacher is None or c.kind == "continuous",
           "objective.teacher is used by continuous-time distillation only; set objective.kind=continuous or drop the teacher")
     _one_of(c.weighting, ["per_example", "batch_mean"], "objective.weighting")
     check(c.weighting == "per_example" or c.kind == "continuous",
           "objective.weighting applies to objective.kind=continuous only; drop it or set objective.kind=continuous")
+    _one_of(c.jvp, ["exact", "fd"], "objective.jvp")
+    _positive(c.warmup_steps, "objective.warmup_steps", zero=True)
+    check(0 < c.fd_eps < 1, f"objective.fd_eps={c.fd_eps} must lie in (0, 1): the step is fd_eps * t, and t - fd_eps * t must stay > 0")
+    stabilisers = {"objective.warmup_steps": c.warmup_steps != 0, "objective.adaptive_weight": c.adaptive_weight,
+                   "objective.jvp": c.jvp != "exact"}
+    for key, used in stabilisers.items():
+        check(not used or c.kind == "continuous",
+              f"{key} applies to objective.kind=continuous only (sCM's stabilisers); drop it or set objective.kind=continuous")
     _positive(c.p_std, "objective.p_std", allow_none=True)
     check(c.q > 1, f"objective.q={c.q} must be > 1")
     _positive(c.k, "objective.k", zero=True)
     _positive(c.stage_steps, "objective.stage_steps", allow_none=True)
+    check(0 <= c.mf_ratio <= 1, f"objective.mf_ratio={c.mf_ratio} must lie in [0, 1]")
+    _positive(c.mf_norm_p, "objective.mf_norm_p", zero=True)
+    _positive(c.mf_norm_eps, "objective.mf_norm_eps")
+    _one_of(c.mf_second, ["t-r", "r"], "objective.mf_second")
+    defaults = ObjectiveConfig()
+    for key in ("mf_ratio", "mf_norm_p", "mf_norm_eps", "mf_second"):
+        check(getattr(c, key) == getattr(defaults, key) or c.kind == "meanflow",
+              f"objective.{key} applies to objective.kind=meanflow only; drop it or set objective.kind=meanflow")
+
+
+def _rules_meanflow(c: Config) -> None:
+    """The combinations objective.kind=meanflow cannot run (method.md section 8)."""
+    d = c.distance
+    check(d.mode != "pixel+aligned", "objective.kind=meanflow takes one distance: distance.mode=pixel "
+          "(distance.name=squared_l2, the paper's loss) or distance.mode=aligned (e.g. distance.name=mfd), not pixel+aligned")
+    check(d.mode != "pixel" or d.name == "squared_l2",
+          f"objective.kind=meanflow in pixels is the paper's squared L2 with the adaptive weight: set distance.name=squared_l2, "
+          f"or distance.mode=aligned for a feature direction (distance.name=mfd); not distance.name={d.name}")
+    check(not c.eval.denoise_sigmas, "eval.denoise_sigmas scores a consistency model's one-step denoising; "
+          "objective.kind=meanflow has no noise levels sigma: drop eval.denoise_sigmas")
 
 
 def _rules_distance(c: DistanceConfig) -> None:

@@ -1,6 +1,6 @@
 """Atomic file writes: the one helper every writer of run files, caches and reports uses.
 
-Stdlib only, so the light entry points (`config`, `metrics.commands`) may import it.
+Stdlib only, so the light entry points (`config`, `commands.evaluate`) may import it.
 """
 
 from __future__ import annotations

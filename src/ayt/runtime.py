@@ -256,6 +256,16 @@ def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def average_gradients(params: Iterable[nn.Parameter], info: DistInfo) -> None:
+    """Average the gradients of parameters outside DDP (a task's trained modules) over the processes."""
+    if info.world == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(info.world)
+
+
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
         dist.barrier()

@@ -1,4 +1,4 @@
-"""Stateless samplers (method.md section 1; EDM Heun from Karras et al. 2022, algorithm 1).
+"""Stateless samplers (method.md sections 1 and 8; EDM Heun from Karras et al. 2022, algorithm 1).
 
 Every sampler has one signature, schedule in, images out:
 `sampler(net, z, sigmas, labels=None, generator=None, sigma_min=0.002) -> [B, C, H, W]`, with
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ayt.config import HEUN_STEPS
 from ayt.errors import AytError, check
 from ayt.schedules import karras_sigmas
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from ayt.config import Config
 
 DEFAULT_T_MID = 0.821  # ECT's CIFAR-10 intermediate level for 2-step sampling
-HEUN_STEPS = 18  # EDM's Heun steps for CIFAR-10 (35 network calls)
 
 
 def _levels(z: torch.Tensor, t: float) -> torch.Tensor:
@@ -92,6 +92,53 @@ def edm_heun_sample(
     return x
 
 
+@torch.no_grad()
+def meanflow_sample(
+    net: nn.Module,
+    z: torch.Tensor,
+    sigmas: Sequence[float] = (1.0,),
+    labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    sigma_min: float = 0.0,
+) -> torch.Tensor:
+    """MeanFlow sampling (Geng et al. 2025; method.md section 8) with the average velocity `u(z, r, t)`.
+
+    `sigmas` are the times `1 = t_0 > t_1 > ... > t_{n-1} > 0` (then 0): `z_{t_0} = z` is the noise
+    and each step jumps `z_r = z_t - (t - r) u(z_t, r, t)`; `(1.0,)` is 1-step sampling
+    `x = z - u(z, 0, 1)`. Deterministic: `generator` and `sigma_min` keep the samplers' signature.
+    """
+    check_times(sigmas)
+    times = [*sigmas, 0.0]
+    for t, r in zip(times[:-1], times[1:]):
+        z = z - (t - r) * net(z, _levels(z, r), _levels(z, t), labels)
+    return z
+
+
+def check_times(times: Sequence[float]) -> None:
+    """Raise unless `times` is a MeanFlow grid: starts at 1, decreases strictly, stays above 0."""
+    check(len(times) >= 1 and times[0] == 1.0, f"MeanFlow sampling times must start at 1 (the noise), got {list(times)}")
+    check(all(a > b for a, b in zip(times, times[1:])) and times[-1] > 0,
+          f"MeanFlow sampling times must decrease strictly and stay above 0, got {list(times)}")
+
+
+def parse_times(spec: str | Sequence[float]) -> list[float]:
+    """A MeanFlow schedule: `"N"` -> N uniform steps `[1, (N-1)/N, ..., 1/N]`, or an explicit comma
+    list of times such as `"1,0.5"`; checked by `check_times`."""
+    if not isinstance(spec, str):
+        times = [float(s) for s in spec]
+    elif spec.strip().isdigit():
+        n = int(spec)
+        check(n >= 1, f"MeanFlow sampling needs at least 1 step, got {spec!r}")
+        times = [1.0 - i / n for i in range(n)]
+    else:
+        try:
+            times = [float(s) for s in spec.split(",")]
+        except ValueError:
+            raise AytError(f"bad MeanFlow schedule '{spec}'; use a number of steps N or a comma list of times like 1,0.5") from None
+    check_times(times)
+    return times
+
+
 def parse_sigmas(spec: str | Sequence[float], sigma_max: float = 80.0) -> list[float]:
     """Parse a sampling schedule: `"1"` -> [sigma_max], `"2"` -> [sigma_max, 0.821],
     or an explicit comma-separated list of decreasing levels such as `"80,1.5,0.4"`."""
@@ -110,7 +157,8 @@ def parse_sigmas(spec: str | Sequence[float], sigma_max: float = 80.0) -> list[f
 
 # ---------------------------------------------------------------- the one entry point
 Sampler = Callable[..., torch.Tensor]  # (net, z, sigmas, labels, generator, sigma_min) -> images
-SAMPLERS: dict[str, Sampler] = {"consistency": consistency_sample, "heun": edm_heun_sample}
+SAMPLERS: dict[str, Sampler] = {"consistency": consistency_sample, "heun": edm_heun_sample,
+                                 "meanflow": meanflow_sample}
 
 
 @dataclass(frozen=True)
@@ -124,10 +172,13 @@ class Schedule:
 
 def schedule_for(config: Config, steps: str | Sequence[float] = "1", heun_steps: int = HEUN_STEPS) -> Schedule:
     """The schedule of a run: EDM Heun on `karras_sigmas(heun_steps)` for a diffusion model
-    (`objective.kind` edm, `steps` ignored), else consistency sampling on `parse_sigmas(steps)`."""
+    (`objective.kind` edm, `steps` ignored), MeanFlow jumps on `parse_times(steps)` for a MeanFlow
+    model, else consistency sampling on `parse_sigmas(steps)`."""
     nc = config.network
     if config.objective.kind == "edm":
         return Schedule("heun", tuple(karras_sigmas(heun_steps, nc.sigma_min, nc.sigma_max)), nc.sigma_min)
+    if config.objective.kind == "meanflow":
+        return Schedule("meanflow", tuple(parse_times(steps)), 0.0)
     return Schedule("consistency", tuple(parse_sigmas(steps, nc.sigma_max)), nc.sigma_min)
 
 

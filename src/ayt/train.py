@@ -37,6 +37,7 @@ from ayt.rng import StepRandom
 from ayt.runtime import (
     BatchStream,
     FiniteGuard,
+    average_gradients,
     barrier,
     claim_run_dir,
     check_run_dir,
@@ -108,9 +109,15 @@ def _ema_name(i: int) -> str:
     return f"ema{i}"
 
 
-def _init_from(net: nn.Module, path: str, resolution: int, channels: int) -> None:
-    """Copy the EMA weights of another run's checkpoint or of an EDM pickle (e.g. an EDM model to tune with ECT)."""
+def _init_from(net: nn.Module, path: str, resolution: int, channels: int, kind: str) -> None:
+    """Copy the EMA weights of another run's checkpoint or of an EDM pickle (e.g. an EDM model to tune with ECT).
+    A MeanFlow run starts only from another MeanFlow run (its network predicts velocities, not images)."""
     source, source_config = load_model(path, which="ema")
+    source_kind = source_config.objective.kind
+    check((source_kind == "meanflow") == (kind == "meanflow"),
+          f"objective.init={path} is a {source_kind!r} model; objective.kind={kind} "
+          + ("starts from scratch (drop objective.init) or from a meanflow run" if kind == "meanflow"
+             else "cannot start from a MeanFlow velocity network; use an EDM or consistency model"))
     check((source.img_resolution, source.img_channels) == (resolution, channels),
           f"objective.init={path} was trained on {source.img_channels}x{source.img_resolution}^2 images, this data is "
           f"{channels}x{resolution}^2; set data.resolution={source.img_resolution} or initialise from a model of this data")
@@ -133,7 +140,8 @@ class Task:
 
     Attributes: `kind` (the checkpoint's "kind"), `dataset` (training images), `net` (the trained
     network, built on the CPU), `module` (its name in checkpoints), `emas` (whether the engine keeps
-    EMAs of it, `train.ema_decays`).
+    EMAs of it, `train.ema_decays`). `trained_modules()` names further modules trained with `net`
+    (e.g. the log-variance head of adaptive weighting).
     """
 
     kind: str
@@ -145,6 +153,13 @@ class Task:
     def loss(self, model: nn.Module, batch: Batch, step: int, rng: StepRandom) -> Tensor:
         """Per-example loss [B] of `batch` (this rank's share) at training step `step`."""
         raise NotImplementedError
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        """Further modules trained jointly with `net`, by checkpoint name: their parameters join the
+        optimiser (after the network's), the finiteness check and clipping; their gradients are averaged
+        over processes; they are saved in every checkpoint and restored on resume; no EMAs, and the
+        samplers never see them (`load_model` reads the network only)."""
+        return {}
 
     def check_checkpoint(self, ckpt: Checkpoint, run_dir: Path) -> None:
         """Raise AytError unless `ckpt` was written by this kind of task (before it is loaded)."""
@@ -190,8 +205,15 @@ class Trainer:
         self.task = make_task(config, device=self.device, main=self.info.main, resume=resume, evaluator=evaluator)
         self.dataset, self.net = self.task.dataset, self.task.net
         self.net.to(self.device).train()
+        self.extras = getattr(self.task, "trained_modules", dict)()  # optional: tasks are duck-typed (FeatureTask)
+        check(not {self.task.module, *map(_ema_name, range(len(tc.ema_decays)))} & set(self.extras),
+              f"trained modules {sorted(self.extras)} must not reuse the names of the network or its EMAs")
+        for module in self.extras.values():
+            module.to(self.device).train()
+        self.extra_params = [p for module in self.extras.values() for p in module.parameters()]
+        self.params = [*self.net.parameters(), *self.extra_params]  # the optimiser's order: network first
         self.emas = [make_ema(self.net) for _ in tc.ema_decays] if self.task.emas else []
-        self.optimizer = make_optimizer(config.optim, self.net.parameters())
+        self.optimizer = make_optimizer(config.optim, self.params)
         self.state = RunState()
 
         # The run folder: one writer (a lock the OS frees when this process ends), then the checkpoint.
@@ -221,6 +243,14 @@ class Trainer:
             ema_name = _ema_name(i)
             check(ema_name in ckpt.modules, f"{ckpt.path} has no weights '{ema_name}'; keep train.ema_decays as in the run's config.yaml")
             ema.load_state_dict(ckpt.modules[ema_name])
+        for extra_name, module in self.extras.items():
+            check(extra_name in ckpt.modules, f"{ckpt.path} has no weights '{extra_name}': it was trained without "
+                  "them (e.g. objective.adaptive_weight=false); resume with the run's objective settings")
+            check_compatible(ckpt.modules[extra_name], module, str(ckpt.path))
+            module.load_state_dict(ckpt.modules[extra_name])
+        unknown = sorted(set(ckpt.modules) - {name, *self.extras} - {n for n in ckpt.modules if n.startswith("ema")})
+        check(not unknown, f"{ckpt.path} holds weights {unknown} that this run does not train "
+              "(e.g. objective.adaptive_weight=true); resume with the run's objective settings")
         self.optimizer.load_state_dict(ckpt.extra["optimizer"])
         s = ckpt.state
         self.state = RunState(ckpt.step, s["images_seen"], s["wall_s"], s.get("metrics", []), s.get("best"))
@@ -252,13 +282,14 @@ class Trainer:
             with phase("backward"):
                 (loss / tc.grad_accum).backward()
             total += loss.detach().double() / tc.grad_accum
+        step_loss = total.item()
+        average_gradients(self.extra_params, info)  # DDP averages the network's
         with phase("check"):
-            step_loss = total.item()
-            ok = self.guard.step_ok(step, step_loss, self.net.parameters())
+            ok = self.guard.step_ok(step, step_loss, self.params)
         if ok:
             if self.config.optim.grad_clip is not None:
                 with phase("clip"):
-                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.optim.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip)
             with phase("optimizer"):
                 self.optimizer.step()
             with phase("ema"):
@@ -326,6 +357,7 @@ class Trainer:
             return
         modules = {self.task.module: self.net.state_dict()}
         modules.update({_ema_name(i): ema.state_dict() for i, ema in enumerate(self.emas)})
+        modules.update({name: module.state_dict() for name, module in self.extras.items()})
         state = {
             "config": self.config.to_dict(),
             "kind": self.task.kind,
@@ -359,7 +391,7 @@ class ObjectiveTask(Task):
         torch.manual_seed(config.train.seed)  # the initial weights (identical on every rank)
         self.net = build_net(config, d.resolution, d.channels, d.num_classes)
         if config.objective.init and not resume:
-            _init_from(self.net, config.objective.init, d.resolution, d.channels)
+            _init_from(self.net, config.objective.init, d.resolution, d.channels, self.kind)
         self.objective = build_objective(config, d.resolution, d.channels).to(device)
         if self.evaluator is None and config.eval.every and main:
             from ayt.metrics.evaluate import build_evaluator
@@ -368,6 +400,14 @@ class ObjectiveTask(Task):
         tc = config.train
         self.grid_noise = torch.randn((tc.grid_size, d.channels, d.resolution, d.resolution),
                                       generator=torch.Generator().manual_seed(tc.seed + 12345))
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        trained = getattr(self.objective, "trained_modules", None)  # ContinuousObjective's log-variance head
+        return trained() if trained else {}
+
+    def log_scalars(self, step: int) -> dict[str, float]:
+        scalars = getattr(self.objective, "log_scalars", None)  # the continuous objective's warm-up factor
+        return scalars(step) if scalars else {}
 
     def loss(self, model: nn.Module, batch: Batch, step: int, rng: StepRandom) -> Tensor:
         x0, labels = batch

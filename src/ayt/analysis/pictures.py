@@ -5,10 +5,14 @@ the tangent of each distance; columns run over the noise levels `t`. A tangent i
 signed map scaled by its own largest absolute value: `0.5 + 0.5 g / max|g|` as an image (grey is
 zero; for RGB the colour shows the sign per channel), with a diverging colour map for
 single-channel data. Only directions are comparable between tiles, not sizes.
+
+Also the report plots of `ayt tangents`: `plot_vs_t` (parallel fraction and cosine versus the
+noise level) and `plot_vs_step` (parallel fraction across checkpoints of one run).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -82,3 +86,42 @@ def picture_rows(batch_grid: Tensor, num: int) -> Tensor:
     """The first `num` images of a [N, K, ...] grid, as float32 on the CPU."""
     return batch_grid[:num].detach().float().cpu()
 
+
+def plot_vs_t(report: dict, path: Path) -> Path:
+    """Parallel fraction and cosine to the manifold versus t (last checkpoint), one curve per tangent."""
+    last = report["checkpoints"][-1]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in zip(axes, ("parallel_fraction", "cosine_to_manifold")):
+        for name, values in last["tangents"].items():
+            ax.plot(report["levels"], [math.nan if v is None else v for v in values[key]], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("noise level t")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"step {last['step']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_vs_step(report: dict, path: Path) -> Path:
+    """Parallel fraction versus training step, one panel per noise level, one curve per tangent."""
+    levels, cks = report["levels"], report["checkpoints"]
+    fig, axes = plt.subplots(1, len(levels), figsize=(2.6 * len(levels) + 1, 3.2), squeeze=False)
+    for b, ax in enumerate(axes[0]):
+        for name in cks[0]["tangents"]:
+            ys = [ck["tangents"][name]["parallel_fraction"][b] for ck in cks]
+            ax.plot([ck["step"] for ck in cks], [math.nan if y is None else y for y in ys], marker="o", label=name)
+        ax.set_title(f"t = {levels[b]:.3g}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("parallel fraction")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -7,8 +7,7 @@ gives the trainer's `evaluator(ema_net, step)`. See `ayt.metrics.evaluate` for t
 
 from ayt.lazy import lazy_exports
 
-# submodule -> the names it exports, imported on first use, so that `ayt --help` (which imports `ayt.metrics.commands`)
-# does not load torch.
+# submodule -> the names it exports, imported on first use, so that importing the package does not load torch.
 __all__, __getattr__ = lazy_exports(__name__, {
     "classifier": ("DigitsFeatures", "digits_metrics", "fd_digits", "load_classifier"),
     "evaluate": ("METRICS", "build_evaluator", "build_scorer", "evaluate_model", "evaluate_runs",

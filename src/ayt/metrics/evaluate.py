@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ayt.config import METRICS, Config
+from ayt.config import HEUN_STEPS, METRICS, Config
 from ayt.data import ImageDataset
 from ayt.errors import AytError, check
 from ayt.metrics.classifier import DigitsFeatures, stats_distance
 from ayt.metrics.frechet import FeatureStats, feature_stats, kid, precision_recall, read_provenance
 from ayt.metrics.inception import FEATURE_DIM, FEATURE_KIND, NETWORK, PIPELINE, InceptionFeatures
 from ayt.metrics.manifold import manifold_metrics
-from ayt.sampling import HEUN_STEPS, schedule_for, stream
+from ayt.sampling import schedule_for, stream
 
 REFERENCE_FEATURES = 10000  # reference features kept for KID and precision / recall
 _WARNED_UNKNOWN: set[str] = set()  # reference statistics files already warned about

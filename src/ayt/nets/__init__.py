@@ -2,6 +2,7 @@
 
 `build_network(preset, ...)` returns a `Precond` (method.md section 1) around the preset's
 network: a `SongUNet` (DDPM++) or, for `imagenet64-adm`, a `DhariwalUNet` (ADM).
+`build_meanflow_network` returns a `MeanFlowNet` (method.md section 8) around a SongUNet preset.
 Presets (parameter counts with `label_dim=0`, `in_channels = out_channels`, unless stated):
 
 - `"tiny"`: model_channels 32, channel_mult (1, 2), 2 blocks, attention at 8x8 (and, as always in
@@ -32,11 +33,13 @@ from torch import nn
 from ayt.errors import AytError, check
 from ayt.nets.adm import DhariwalUNet
 from ayt.nets.dropout import SeededDropout, shared_dropout
+from ayt.nets.meanflow import MeanFlowNet
 from ayt.nets.precond import Precond
 from ayt.nets.unet import SongUNet
 
-__all__ = ["NETWORK_PRESETS", "PRESET_ARCHITECTURES", "DhariwalUNet", "Precond", "SeededDropout",
-           "SongUNet", "build_network", "count_parameters", "shared_dropout"]
+__all__ = ["NETWORK_PRESETS", "PRESET_ARCHITECTURES", "DhariwalUNet", "MeanFlowNet", "Precond", "SeededDropout",
+           "SongUNet", "build_meanflow_network", "build_network", "build_raw_network", "count_parameters",
+           "shared_dropout"]
 
 NETWORK_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model_channels=32, channel_mult=(1, 2), channel_mult_emb=4, num_blocks=2,
@@ -78,6 +81,20 @@ def _unet_kwargs(preset: str, overrides: dict | None) -> dict[str, Any]:
     return {**NETWORK_PRESETS[preset], **(overrides or {})}
 
 
+def build_raw_network(preset: str = "tiny", *, img_resolution: int, in_channels: int, label_dim: int = 0,
+                      dropout: float | None = None, overrides: dict | None = None) -> nn.Module:
+    """The preset's raw network `F` (a `SongUNet` or `DhariwalUNet`), before any wrapper;
+    `dropout=None` keeps the preset's rate. Maps `[B, in_channels, R, R]` to the same shape."""
+    kwargs = _unet_kwargs(preset, overrides)
+    if dropout is not None:
+        kwargs["dropout"] = dropout
+    levels = len(kwargs["channel_mult"]) - 1
+    check(img_resolution > 0 and img_resolution % 2 ** levels == 0,
+          f"img_resolution {img_resolution} is not divisible by 2**{levels} (preset {preset!r}); "
+          "resize the images or override channel_mult with fewer levels")
+    return PRESET_ARCHITECTURES[preset](img_resolution, in_channels, in_channels, label_dim=label_dim, **kwargs)
+
+
 def build_network(preset: str = "tiny", *, img_resolution: int, in_channels: int,
                   label_dim: int = 0, dropout: float | None = None, boundary: str = "edm",
                   sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -87,16 +104,23 @@ def build_network(preset: str = "tiny", *, img_resolution: int, in_channels: int
 
     The network maps `[B, in_channels, img_resolution, img_resolution]` to the same shape.
     """
-    kwargs = _unet_kwargs(preset, overrides)
-    if dropout is not None:
-        kwargs["dropout"] = dropout
-    levels = len(kwargs["channel_mult"]) - 1
-    check(img_resolution > 0 and img_resolution % 2 ** levels == 0,
-          f"img_resolution {img_resolution} is not divisible by 2**{levels} (preset {preset!r}); "
-          "resize the images or override channel_mult with fewer levels")
-    net = PRESET_ARCHITECTURES[preset](img_resolution, in_channels, in_channels, label_dim=label_dim, **kwargs)
+    net = build_raw_network(preset, img_resolution=img_resolution, in_channels=in_channels, label_dim=label_dim,
+                            dropout=dropout, overrides=overrides)
     return Precond(net, sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max,
                    boundary=boundary)
+
+
+def build_meanflow_network(preset: str = "tiny", *, img_resolution: int, in_channels: int, label_dim: int = 0,
+                           dropout: float | None = None, second: str = "t-r",
+                           overrides: dict | None = None) -> MeanFlowNet:
+    """`MeanFlowNet(SongUNet(..., second_time=True))`: the average velocity `u(z, r, t)` (method.md
+    section 8); SongUNet presets only (the second time input is a SongUNet option)."""
+    check(PRESET_ARCHITECTURES.get(preset, SongUNet) is SongUNet,
+          f"objective.kind=meanflow needs a SongUNet preset (tiny, small, cifar10-ddpmpp, cifar10-ncsnpp), "
+          f"not network.preset={preset}")
+    net = build_raw_network(preset, img_resolution=img_resolution, in_channels=in_channels, label_dim=label_dim,
+                            dropout=dropout, overrides={**(overrides or {}), "second_time": True})
+    return MeanFlowNet(net, second)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -244,6 +244,13 @@ class SongUNet(nn.Module):
 
     Class labels (`label_dim > 0`): see `class_label_vectors`; `None` means all-zero (dropped)
     labels. With `label_dim = 0` labels are ignored.
+
+    Second time input (`second_time=True`, for MeanFlow's `u(z, r, t)`; method.md section 8): a
+    second noise label `noise_labels2 [B]` goes through the same noise embedding and its own
+    linear map `map_time2` (no bias) into the first mapping layer, `map_layer0(emb) +
+    map_time2(map_noise(c2))`. This equals MeanFlow's U-Net, which concatenates the two embeddings
+    before `map_layer0` (a linear map of a concatenation is the sum of two linear maps). Off by
+    default: the network and its state dict are then exactly as before.
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int,
@@ -253,7 +260,7 @@ class SongUNet(nn.Module):
                  dropout: float = 0.10, label_dropout: float = 0.0,
                  embedding_type: str = "positional", adaptive_scale: bool = False,
                  channel_mult_noise: int = 1, encoder_type: str = "standard",
-                 resample_filter: tuple[int, ...] = (1, 1)) -> None:
+                 resample_filter: tuple[int, ...] = (1, 1), second_time: bool = False) -> None:
         super().__init__()
         check(embedding_type in EMBEDDINGS, f"unknown embedding_type {embedding_type!r}; "
               f"use one of {sorted(EMBEDDINGS)}")
@@ -270,7 +277,8 @@ class SongUNet(nn.Module):
         self.label_dropout = SeededLabelDropout(label_dropout) if label_dim else None
         self.map_layer0 = nn.Linear(noise_channels, emb_channels)
         self.map_layer1 = nn.Linear(emb_channels, emb_channels)
-        for layer in (self.map_label, self.map_layer0, self.map_layer1):
+        self.map_time2 = nn.Linear(noise_channels, emb_channels, bias=False) if second_time else None
+        for layer in (self.map_label, self.map_layer0, self.map_layer1, self.map_time2):
             if layer is not None:
                 init_weights(layer)
         block = dict(emb_channels=emb_channels, dropout=dropout, adaptive_scale=adaptive_scale,
@@ -324,18 +332,26 @@ class SongUNet(nn.Module):
                 layers[-1].takes_skip = True
         return nn.ModuleList(layers)
 
-    def embed(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        """Noise (and label) embedding: `c_noise [B]` -> `emb [B, model_channels * channel_mult_emb]`."""
+    def embed(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None,
+              c_noise2: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise (and label) embedding: `c_noise [B]` (and `c_noise2 [B]` with `second_time`)
+        -> `emb [B, model_channels * channel_mult_emb]`."""
+        check((c_noise2 is not None) == (self.map_time2 is not None),
+              "a second time input needs SongUNet(second_time=True), and such a network needs one")
         emb = self.map_noise(c_noise).to(self.map_layer0.weight.dtype)
         if self.map_label is not None:
             labels = self.label_dropout(class_label_vectors(class_labels, self.label_dim, emb))
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
-        return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        hidden = self.map_layer0(emb)
+        if self.map_time2 is not None:
+            hidden = hidden + self.map_time2(self.map_noise(c_noise2).to(hidden.dtype))
+        return F.silu(self.map_layer1(F.silu(hidden)))
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """`x [B, Cin, H, W]`, `noise_labels` = c_noise `[B]` -> `[B, Cout, H, W]`."""
-        emb = self.embed(noise_labels, class_labels).to(x.dtype)
+                class_labels: torch.Tensor | None = None, noise_labels2: torch.Tensor | None = None) -> torch.Tensor:
+        """`x [B, Cin, H, W]`, `noise_labels` = c_noise `[B]` (and `noise_labels2 [B]`, the second time
+        input of a `second_time` network) -> `[B, Cout, H, W]`."""
+        emb = self.embed(noise_labels, class_labels, noise_labels2).to(x.dtype)
         skips, aux = [], x
         for i, layer in enumerate(self.enc):
             x = layer(x) if i == 0 else layer(x, emb)

@@ -3,5 +3,6 @@
 from ayt.objectives.continuous import ContinuousObjective
 from ayt.objectives.diffusion import EDMObjective
 from ayt.objectives.ect import ConsistencyPair, ECTObjective
+from ayt.objectives.meanflow import MeanFlowObjective
 
-__all__ = ["ConsistencyPair", "ContinuousObjective", "ECTObjective", "EDMObjective"]
+__all__ = ["ConsistencyPair", "ContinuousObjective", "ECTObjective", "EDMObjective", "MeanFlowObjective"]

@@ -33,10 +33,23 @@ of the batch set the step size of all.
 
 The JVP and the student call share one dropout mask (`shared_dropout`), as ECT's student and
 target calls do.
+
+sCM's stabilisers (Lu & Song 2024, "Simplifying, Stabilizing and Scaling Continuous-Time
+Consistency Models", Algorithm 1; method.md section 5), each off by default:
+
+- tangent warm-up (`warmup_steps`): the tangent is the JVP along `(v, r)` instead of `(v, 1)`,
+  i.e. `J_x phi(f) v + r d phi(f)/dt` at fixed `x`, with `r = min(1, step / warmup_steps)`, a
+  pure function of the training step (`tangent_warmup`);
+- adaptive weighting (`adaptive_weight`): a learned log-variance `u(t)` (`LogVarianceHead`,
+  EDM2's Fourier-features-then-linear head on `c_noise = ln(t)/4`) turns each example's loss
+  `L_i` (weight and tangent normalisation included) into `L_i / exp(u(t_i)) + u(t_i)`;
+- finite-difference JVP (`jvp="fd"`): central differences with the relative step `h = fd_eps * t`
+  (`fd_tangent`), for networks or kernels without forward-mode AD.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +64,9 @@ from ayt.schedules import lognormal_t
 
 RMS_FLOOR = 0.1  # the `+ 0.1` of the reference normalisation g / (rms(g) + 0.1)
 WEIGHTINGS = ("per_example", "batch_mean")
+JVPS = ("exact", "fd")
+FD_EPS = 3e-3  # relative step of the finite-difference JVP, h = FD_EPS * t (see fd_tangent)
+LOGVAR_CHANNELS = 128  # Fourier features of the adaptive-weighting head (EDM2's logvar_channels)
 
 FeatureMap = Callable[[Tensor], Tensor]  # images [B, C, H, W] -> flattened features [B, F]
 
@@ -108,10 +124,16 @@ def conditional_velocity(x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
     return (x_t - x0) / t.view(-1, 1, 1, 1)
 
 
-def output_tangent(net: nn.Module, x_t: Tensor, t: Tensor, v: Tensor, labels: Tensor | None = None,
-                   phi: FeatureMap | None = None) -> tuple[Tensor, Tensor]:
-    """`(f(x_t, t), d phi(f(x_t, t)) / dt)` along `(v, 1)`: one JVP, no gradients, fp32 (pure).
+def tangent_warmup(step: int, warmup_steps: int) -> float:
+    """sCM's tangent warm-up factor `r = min(1, step / warmup_steps)` (1 when `warmup_steps = 0`)."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
 
+
+def output_tangent(net: nn.Module, x_t: Tensor, t: Tensor, v: Tensor, labels: Tensor | None = None,
+                   phi: FeatureMap | None = None, r: float = 1.0) -> tuple[Tensor, Tensor]:
+    """`(f(x_t, t), d phi(f(x_t, t)) / dt)` along `(v, r)`: one JVP, no gradients, fp32 (pure).
+
+    `r < 1` is the tangent warm-up: `J_x phi(f) v + r d phi(f)/dt` (`tangent_warmup`).
     Returns [B, C, H, W] and [B, C, H, W] (pixels, `phi=None`) or [B, F] (features).
     """
     model = _unwrap(net)
@@ -122,8 +144,72 @@ def output_tangent(net: nn.Module, x_t: Tensor, t: Tensor, v: Tensor, labels: Te
 
     # fp32 even under the trainer's bf16 autocast: forward-mode AD fails with mixed dtypes
     with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):
-        _, g, f = quiet_jvp(fn, (x_t, t), (v.to(x_t.dtype), torch.ones_like(t)), has_aux=True)
+        _, g, f = quiet_jvp(fn, (x_t, t), (v.to(x_t.dtype), torch.full_like(t, r)), has_aux=True)
     return f.detach(), g
+
+
+def fd_tangent(net: nn.Module, x_t: Tensor, t: Tensor, v: Tensor, labels: Tensor | None = None,
+               phi: FeatureMap | None = None, r: float = 1.0, eps: float = FD_EPS) -> Tensor:
+    """`d phi(f(x_t, t)) / dt` along `(v, r)` by central differences, no gradients, fp32 (pure):
+
+        g = (phi(f(x_t + h v, t + h r)) - phi(f(x_t - h v, t - h r))) / (2 h),   h = eps * t per example.
+
+    Two forward passes instead of a JVP, for networks or kernels without forward-mode AD. The
+    step is relative to `t` because the network sees `c_noise = ln(t) / 4`: `h = eps t` moves
+    `c_noise` by about `eps / 4` at every noise level. The relative error is `O(eps^2)`
+    (truncation; only `O(eps)` where a step crosses a kink of a ReLU / max-pool feature network)
+    plus `O(roundoff / eps)` (the difference of two rounded outputs). Measured against the exact
+    JVP on a tiny U-Net, largest per-example relative error (method.md section 5): fp32 pixels
+    1e-3 at the default `eps = 3e-3` (3e-4 at 1e-2, 3e-3 at 1e-3, 2e-2 at 1e-4), fp32 MFD features
+    4e-3 (6e-2 at 1e-2, from kinks); fp64 with `eps = 1e-4`: 1e-8. `eps < 1` keeps `t - h > 0`.
+    Same shapes as `output_tangent`'s tangent.
+    """
+    model = _unwrap(net)
+    t = t.to(torch.promote_types(t.dtype, x_t.dtype))  # levels t +- h as precise as the images (Precond does the same)
+    h = eps * t
+    step_x = h.view(-1, *([1] * (x_t.dim() - 1))) * v.to(x_t.dtype)
+
+    def fn(x: Tensor, level: Tensor) -> Tensor:
+        f = model(x, level, labels)
+        return f if phi is None else phi(f)
+
+    with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):
+        diff = fn(x_t + step_x, t + h * r) - fn(x_t - step_x, t - h * r)
+    return diff / (2 * h).view(-1, *([1] * (diff.dim() - 1))).to(diff.dtype)
+
+
+class LogVarianceHead(nn.Module):
+    """The learned log-variance `u(t)` [B] of adaptive weighting (sCM's Algorithm 1, after EDM2).
+
+    EDM2's head: Fourier features of `c_noise = ln(t) / 4`, `sqrt(2) cos(2 pi (c_noise w_k + p_k))`
+    with fixed `w_k ~ N(0, 1)`, `p_k ~ U(0, 1)` (EDM2's `MPFourier`), then a linear layer to one
+    value. Here the linear layer is a plain `nn.Linear` initialised to zero, so `u = 0` and the
+    weighted loss equals the unweighted one at the first step. Trained with the network, never
+    used for sampling.
+    """
+
+    def __init__(self, channels: int = LOGVAR_CHANNELS, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)  # fixed features; the global RNG (net init) is untouched
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(channels, generator=g))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(channels, generator=g))
+        self.linear = nn.utils.skip_init(nn.Linear, channels, 1)  # no draw from the global RNG either
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def features(self, t: Tensor) -> Tensor:
+        """`sqrt(2) cos(c_noise w + p)` [B, channels] of noise levels t [B]."""
+        c_noise = t.float().log() / 4
+        return (c_noise[:, None] * self.freqs + self.phases).cos() * math.sqrt(2)
+
+    def forward(self, t: Tensor) -> Tensor:
+        with torch.autocast(t.device.type, enabled=False):  # fp32 under bf16 autocast
+            return self.linear(self.features(t)).squeeze(1)
+
+
+def adaptive_weighted(loss: Tensor, u: Tensor) -> Tensor:
+    """`loss / exp(u) + u` [B]: EDM2's uncertainty weighting, sCM's `e^w / D ||.||^2 - w` with `w = -u`."""
+    return loss * torch.exp(-u.to(loss.dtype)) + u.to(loss.dtype)
 
 
 @dataclass
@@ -143,17 +229,33 @@ class ContinuousObjective(nn.Module):
         teacher: a frozen EDM denoiser `D(x, t, labels)` (distillation) or None (training).
         p_mean, p_std: lognormal `t` distribution (ECT's by default).
         weighting: `per_example` (1/t_i) or `batch_mean` (mean 1/t for all; the reference as written).
+        warmup_steps: sCM's tangent warm-up over this many steps (0 = off; `tangent_warmup`).
+        adaptive_weight: learn a log-variance `u(t)` and return `L / exp(u) + u` (`LogVarianceHead`).
+        jvp: `exact` (`torch.func.jvp`) or `fd` (central differences, relative step `fd_eps`).
     """
 
     def __init__(self, mfd: nn.Module | None = None, teacher: nn.Module | None = None,
-                 p_mean: float = -1.1, p_std: float = 2.0, weighting: str = "per_example"):
+                 p_mean: float = -1.1, p_std: float = 2.0, weighting: str = "per_example",
+                 warmup_steps: int = 0, adaptive_weight: bool = False, jvp: str = "exact", fd_eps: float = FD_EPS):
         super().__init__()
         check(weighting in WEIGHTINGS, f"unknown weighting {weighting!r}; use one of {list(WEIGHTINGS)}")
+        check(jvp in JVPS, f"unknown jvp {jvp!r}; use one of {list(JVPS)}")
+        check(0 < fd_eps < 1, f"fd_eps={fd_eps} must lie in (0, 1): the step is fd_eps * t and t - fd_eps * t must stay > 0")
         self.mfd, self.teacher, self.weighting = mfd, teacher, weighting
         self.phi: FeatureMap | None = None if mfd is None else feature_map(mfd)
         self.p_mean, self.p_std = p_mean, p_std
+        self.warmup_steps, self.jvp, self.fd_eps = warmup_steps, jvp, fd_eps
+        self.logvar = LogVarianceHead() if adaptive_weight else None
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        """Modules trained with the network (the engine's `Task.trained_modules`): the log-variance head."""
+        return {} if self.logvar is None else {"logvar": self.logvar}
+
+    def log_scalars(self, step: int) -> dict[str, float]:
+        """Logged with the loss: the tangent warm-up factor `r` of step `step` (when warming up)."""
+        return {"tangent_warmup": tangent_warmup(step, self.warmup_steps)} if self.warmup_steps else {}
 
     def train(self, mode: bool = True) -> ContinuousObjective:
         super().train(mode)
@@ -168,9 +270,13 @@ class ContinuousObjective(nn.Module):
         with torch.no_grad():
             return conditional_velocity(x_t, self.teacher(x_t, t, labels).to(x_t.dtype), t)
 
-    def tangent(self, net: nn.Module, x_t: Tensor, t: Tensor, v: Tensor, labels: Tensor | None) -> Tensor:
-        """`u(d phi(f(x_t, t)) / dt)` along `(v, 1)`, no gradients; [B, C, H, W] or [B, F]."""
-        return rms_normalise(output_tangent(net, x_t, t, v, labels, self.phi)[1])
+    def tangent(self, net: nn.Module, x_t: Tensor, t: Tensor, v: Tensor, labels: Tensor | None,
+                step: int = 0) -> Tensor:
+        """`u(d phi(f(x_t, t)) / dt)` along `(v, r(step))`, no gradients; [B, C, H, W] or [B, F]."""
+        r = tangent_warmup(step, self.warmup_steps)
+        if self.jvp == "fd":
+            return rms_normalise(fd_tangent(net, x_t, t, v, labels, self.phi, r, self.fd_eps))
+        return rms_normalise(output_tangent(net, x_t, t, v, labels, self.phi, r)[1])
 
     def sample(self, x0: Tensor, rng: StepRandom) -> tuple[Tensor, Tensor]:
         """The draws of one step: `(t [B] lognormal, eps [B, C, H, W])`."""
@@ -185,15 +291,17 @@ class ContinuousObjective(nn.Module):
         x_t = x0 + t.view(-1, 1, 1, 1) * eps
         v = self.velocity(x_t, x0, t, labels)
         with shared_dropout(net, rng.seed(), rng.rank):
-            u = self.tangent(net, x_t, t, v, labels)
+            u = self.tangent(net, x_t, t, v, labels, step)
             f = net(x_t, t, labels)
         y = (f if self.phi is None else self.phi(f)).to(u.dtype)  # features may be bf16 under autocast
         return TangentPair(t, y, u)
 
     def loss(self, pair: TangentPair, step: int = 0) -> Tensor:
-        """Per-example `(1/(2t)) mean (phi(f) - stopgrad(phi(f) - u))^2` [B] for a drawn pair."""
+        """Per-example `L = (1/(2t)) mean (phi(f) - stopgrad(phi(f) - u))^2` [B] for a drawn pair;
+        `L / exp(u(t)) + u(t)` with adaptive weighting."""
         target = (pair.output - pair.tangent).detach()
-        return 0.5 * (pair.output - target).flatten(1).square().mean(1) * loss_weights(pair.t, self.weighting)
+        loss = 0.5 * (pair.output - target).flatten(1).square().mean(1) * loss_weights(pair.t, self.weighting)
+        return loss if self.logvar is None else adaptive_weighted(loss, self.logvar(pair.t))
 
     def forward(self, net: nn.Module, x0: Tensor, labels: Tensor | None = None, step: int = 0,
                 rng: StepRandom | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""CLI commands of the metrics package: `ayt eval` and `ayt fid-stats` (wired in `ayt.cli`).
+"""`ayt eval` and `ayt fid-stats`: their flags and the runs that wire them to `ayt.metrics` (wired in `ayt.cli`).
 
 Each `cmd_*` takes the parsed arguments and returns an exit code; bad input raises `AytError`.
 """
@@ -12,7 +12,6 @@ from pathlib import Path
 from ayt.cliargs import add_model_args
 from ayt.config import METRICS
 from ayt.errors import AytError, check
-
 
 
 # ---------------------------------------------------------------- argument parsing helpers
@@ -74,6 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """`ayt eval`: score a checkpoint under each schedule; print a table, optionally write JSON."""
     from ayt.build import load_model
     from ayt.metrics.evaluate import evaluate_runs, fid_protocol, resolve_metric
+    from ayt.sampling import schedule_for
 
     check(args.num >= 2, f"--num {args.num}: evaluate at least 2 samples")
     check(args.runs >= 1, f"--runs {args.runs}: must be >= 1")
@@ -82,6 +82,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     net, config = load_model(args.checkpoint, which=args.weights, device=args.device)
     if config.objective.kind == "edm":
         schedules: dict[str, list[float] | str] = {f"heun{args.heun_steps}": "1"}
+    elif config.objective.kind == "meanflow":
+        check(not denoise_sigmas, "--denoise scores one-step denoising at noise levels sigma; a MeanFlow model has none: drop --denoise")
+        schedules = {item: list(schedule_for(config, item).sigmas) for item in args.steps}
     else:
         schedules = dict(parse_schedules(args.steps, config.network.sigma_max, config.network.sigma_min))
     results = {}
@@ -146,7 +149,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", choices=[m for m in METRICS if m != "none"], default="auto", help="metric family (default auto: by dataset)")
     p.add_argument("-n", "--num", type=int, default=10000, help="samples per evaluation (default 10000; the paper uses 50000)")
     p.add_argument("--steps", nargs="+", default=["1"], metavar="SCHEDULE",
-                   help="consistency schedules, space-separated: 1, 2 (80, 0.821) or a comma list of levels (default 1)")
+                   help="consistency schedules, space-separated: 1, 2 (80, 0.821) or a comma list of levels "
+                   "(MeanFlow: N uniform steps or a comma list of times from 1) (default 1)")
     p.add_argument("--runs", type=int, default=1, help="independent evaluations with seeds SEED.. (default 1)")
     p.add_argument("--denoise", metavar="LEVELS", help="also score one-step denoising of training images, e.g. 0.2,0.4,0.8")
     p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity Inception weights file (offline use)")

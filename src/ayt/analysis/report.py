@@ -1,4 +1,4 @@
-"""`ayt tangents`: do training updates of a consistency model move along the data manifold or towards it?
+"""Tangent analysis of checkpoints: do training updates of a consistency model move along the data manifold or towards it?
 
 method.md section 3. For each checkpoint (ECT runs only) and each requested tangent, on one fixed
 analysis batch (`--num` images, each at the `--buckets` noise levels, seeded):
@@ -9,16 +9,14 @@ analysis batch (`--num` images, each at the `--buckets` noise levels, seeded):
 - any other dataset: the picture only (plus tangent norms) -- there is no manifold to split
   against. This is automatic and printed as a note; `--picture-only` asks for the same on shapes.
 
-Writes into `--out`: `tangents.json` (every number), `tangents.md` (tables), plots
-`parallel_vs_t.png` (and `parallel_vs_step.png` for several checkpoints of one run) and
-`tangents.png` (the picture, last checkpoint).
+`tangent_report` gathers every number into one dict (`tangents.json`), `markdown` renders its
+tables (`tangents.md`); the plots are in `ayt.analysis.pictures`, and the `ayt tangents` command
+that wires them to its flags and output folder is `ayt.commands.tangents`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,6 @@ from ayt.analysis.decompose import (
     oscillation,
     project_on_shapes,
 )
-from ayt.analysis.args import add_parser  # noqa: F401  (re-exported: the parser lives in a light module)
 from ayt.analysis.pictures import picture_rows, tangent_picture
 from ayt.analysis.tangents import (
     AnalysisBatch,
@@ -45,7 +42,6 @@ from ayt.analysis.tangents import (
     build_tangent_distance,
     check_consistency_state,
     is_continuous,
-    parse_tangent_names,
 )
 from ayt.build import LOGNORMAL_DEFAULTS, build_data, distance_options, load_model
 from ayt.checkpoint import list_checkpoints, load_checkpoint
@@ -127,12 +123,14 @@ def default_stage(model: Model) -> int:
     return 0 if steps is None else ect_stage(model.step, steps)
 
 
-def build_modules(names: list[str], model: Model, args: argparse.Namespace, device: str) -> dict[str, nn.Module | None]:
-    """name -> distance module (continuous: its feature distance, or None for pixels)."""
-    check(not any(base_distance(n) == "mfd" for n in names) or args.features,
+def build_modules(names: list[str], model: Model, features: str | None, lpips_weights: str | None,
+                  device: str) -> dict[str, nn.Module | None]:
+    """name -> distance module (continuous: its feature distance, or None for pixels); `features`
+    is the feature-network checkpoint of mfd tangents, `lpips_weights` overrides the run's LPIPS trunk."""
+    check(not any(base_distance(n) == "mfd" for n in names) or features,
           "mfd tangents need a feature network: pass --features FEATURE_CHECKPOINT (train one with 'ayt train-features')")
-    d = dataclasses.replace(model.config.distance, features=args.features,
-                            lpips_weights=args.lpips_weights or model.config.distance.lpips_weights)
+    d = dataclasses.replace(model.config.distance, features=features,
+                            lpips_weights=lpips_weights or model.config.distance.lpips_weights)
     config = dataclasses.replace(model.config, distance=d)
     res, ch = model.data_info["resolution"], model.data_info["channels"]
     modules: dict[str, nn.Module | None] = {}
@@ -203,6 +201,27 @@ def oscillation_summary(results: list[CheckpointResult], batch: AnalysisBatch) -
     return out
 
 
+def tangent_report(results: list[CheckpointResult], batch: AnalysisBatch, last: Model, manifold: bool, stage: int,
+                   seed: int) -> dict:
+    """Every number of an analysis (`tangents.json`): levels, per-checkpoint summaries, and across
+    checkpoints of one run the oscillation measures."""
+    p_mean, p_std = _lognormal(last.config)
+    report = {
+        "data": last.data_info["name"], "manifold": manifold, "num_images": batch.num_images,
+        "levels": batch.levels.tolist(), "bucket_edges": lognormal_bucket_edges(len(batch.levels), p_mean, p_std),
+        "stage": stage, "seed": seed, "distances": list(results[0].tangents.tangents),
+        "checkpoints": [summarise(r, batch) for r in results],
+    }
+    if manifold:
+        info = last.data_info
+        report["chance_parallel_fraction"] = NUM_PARAMS / (info["channels"] * info["resolution"] ** 2)
+    if len(results) >= 2 and one_run([r.model for r in results]):
+        report["oscillation"] = oscillation_summary(results, batch)
+    elif len(results) >= 2:
+        print("note: the checkpoints come from different runs; no oscillation measures (give checkpoints of one run)")
+    return report
+
+
 # ---------------------------------------------------------------- writing
 def _fmt(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3f}"
@@ -246,59 +265,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(obj):
+def json_safe(obj):
     """NaN -> None, recursively (strict JSON)."""
     if isinstance(obj, float):
         return None if math.isnan(obj) else obj
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
-
-
-def plot_vs_t(report: dict, path: Path) -> Path:
-    """Parallel fraction and cosine to the manifold versus t (last checkpoint), one curve per tangent."""
-    import matplotlib.pyplot as plt
-
-    last = report["checkpoints"][-1]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key in zip(axes, ("parallel_fraction", "cosine_to_manifold")):
-        for name, values in last["tangents"].items():
-            ax.plot(report["levels"], [math.nan if v is None else v for v in values[key]], marker="o", label=name)
-        ax.set_xscale("log")
-        ax.set_xlabel("noise level t")
-        ax.set_ylabel(key.replace("_", " "))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylim(0, 1)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"step {last['step']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_vs_step(report: dict, path: Path) -> Path:
-    """Parallel fraction versus training step, one panel per noise level, one curve per tangent."""
-    import matplotlib.pyplot as plt
-
-    levels, cks = report["levels"], report["checkpoints"]
-    fig, axes = plt.subplots(1, len(levels), figsize=(2.6 * len(levels) + 1, 3.2), squeeze=False)
-    for b, ax in enumerate(axes[0]):
-        for name in cks[0]["tangents"]:
-            ys = [ck["tangents"][name]["parallel_fraction"][b] for ck in cks]
-            ax.plot([ck["step"] for ck in cks], [math.nan if y is None else y for y in ys], marker="o", label=name)
-        ax.set_title(f"t = {levels[b]:.3g}", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("parallel fraction")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def write_picture(result: CheckpointResult, batch: AnalysisBatch, num: int, path: Path) -> Path:
@@ -310,64 +285,3 @@ def write_picture(result: CheckpointResult, batch: AnalysisBatch, num: int, path
     tangents = {name: grid(g) for name, g in result.tangents.tangents.items()}
     return tangent_picture(grid(batch.x_t), grid(result.tangents.output), tangents, batch.levels.cpu(), path,
                            title=f"{result.model.run.name}, step {result.model.step}")
-
-
-# ---------------------------------------------------------------- the command
-def run_cli(args: argparse.Namespace) -> int:
-    """Run `ayt tangents` (see the module docstring)."""
-    import matplotlib
-
-    from ayt.runtime import check_device
-
-    matplotlib.use("Agg")
-    check_device(args.device, "--device")
-    names = parse_tangent_names(args.distances)
-    check(args.picture_images >= 1, f"--picture-images {args.picture_images}: need at least 1")
-    models = load_models(checkpoint_paths(args.checkpoints, args.all_checkpoints), args.weights, args.device)
-    last = models[-1]
-    manifold = last.data_info["name"] in MANIFOLD_DATASETS and not args.picture_only
-    if last.data_info["name"] not in MANIFOLD_DATASETS:
-        print(f"note: {last.data_info['name']} data has no known manifold, so there is no parallel/orthogonal split; "
-              "writing the picture and tangent norms only (the decomposition needs data.name=shapes)")
-    modules = build_modules(names, last, args, args.device)
-    stage = default_stage(last) if args.stage is None else args.stage
-    check(stage >= 0, f"--stage {stage}: the ECT stage must be >= 0")
-    batch = make_batch(last, args.num, args.buckets, stage, args.seed, args.device)
-    results = [analyse(m, batch, modules, manifold, args.seed) for m in models]
-    out = Path(args.out) if args.out else models[0].run / "tangents"
-    out.mkdir(parents=True, exist_ok=True)
-    report = _report(results, batch, last, manifold, stage, args)
-    _write(report, results, batch, out, args.picture_images)
-    return 0
-
-
-def _report(results: list[CheckpointResult], batch: AnalysisBatch, last: Model, manifold: bool, stage: int,
-            args: argparse.Namespace) -> dict:
-    p_mean, p_std = _lognormal(last.config)
-    report = {
-        "data": last.data_info["name"], "manifold": manifold, "num_images": batch.num_images,
-        "levels": batch.levels.tolist(), "bucket_edges": lognormal_bucket_edges(len(batch.levels), p_mean, p_std),
-        "stage": stage, "seed": args.seed, "distances": list(results[0].tangents.tangents),
-        "checkpoints": [summarise(r, batch) for r in results],
-    }
-    if manifold:
-        info = last.data_info
-        report["chance_parallel_fraction"] = NUM_PARAMS / (info["channels"] * info["resolution"] ** 2)
-    if len(results) >= 2 and one_run([r.model for r in results]):
-        report["oscillation"] = oscillation_summary(results, batch)
-    elif len(results) >= 2:
-        print("note: the checkpoints come from different runs; no oscillation measures (give checkpoints of one run)")
-    return report
-
-
-def _write(report: dict, results: list[CheckpointResult], batch: AnalysisBatch, out: Path, picture_images: int) -> None:
-    written = [out / "tangents.json", out / "tangents.md"]
-    written[0].write_text(json.dumps(_json_safe(report), indent=1))
-    written[1].write_text(markdown(report))
-    if report["manifold"]:
-        written.append(plot_vs_t(report, out / "parallel_vs_t.png"))
-        if "oscillation" in report:
-            written.append(plot_vs_step(report, out / "parallel_vs_step.png"))
-    written.append(write_picture(results[-1], batch, picture_images, out / "tangents.png"))
-    for path in written:
-        print(f"wrote {path}")
