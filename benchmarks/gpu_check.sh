@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default OUT_DIR: $OUT, else runs/gpu-check
 #
 # 1. `pytest -m gpu` (EDM -> features -> ECT+AYT in fp32 and bf16, seeded dropout on CUDA and
-#    CPU/CUDA mask equality, compiled bf16 training, tangents on CUDA), log in OUT_DIR/pytest-gpu.log;
+#    CPU/CUDA mask equality, compiled bf16 training, tangents, continuous CD in fp32/bf16, compiled
+#    continuous, an EDM pickle as init, MeanFlow pixel/MFD in fp32/bf16/compiled), log in OUT_DIR/pytest-gpu.log;
 # 2. the CUDA throughput benchmark: `Trainer.step()` per distance (tiny and CIFAR-10 DDPM++ presets,
 #    fp32/bf16/compile; --phases reads the step's profiler ranges) and 1-step sampling, written to
 #    OUT_DIR/BENCHMARKS.md section by section (a timeout keeps what was done); copy it back with
@@ -31,7 +32,7 @@ export PYTHONPATH="$site:$PWD/src:${PYTHONPATH:-}"
 "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$out/device.txt"
 
 status=0
-timeout 300 "$python" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.log" || status=$?
-timeout 420 "$python" benchmarks/throughput.py --device cuda --phases --compile --write "$out/BENCHMARKS.md" \
+timeout 240 "$python" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.log" || status=$?
+timeout 330 "$python" benchmarks/throughput.py --device cuda --phases --compile --write "$out/BENCHMARKS.md" \
     2>&1 | tail -n 40 | tee "$out/throughput.log" || status=$?
 exit "$status"

@@ -1,14 +1,13 @@
 """Training-step and sampling throughput: `ayt.train.Trainer.step()` with each distance.
 
-    python benchmarks/throughput.py [--device cpu|cuda] [--presets tiny,cifar10-ddpmpp]
-        [--distances pseudo_huber,mfd,lpips,lpips_aligned,continuous,continuous_mfd]
-        [--batches 16,64 | tiny=16,64 cifar10-ddpmpp=8] [--phases] [--compile] [--bf16-cpu]
-        [--set optim.grad_clip=1.0 ...] [--write BENCHMARKS.md [--section NAME]]
+    python benchmarks/throughput.py [--device cpu|cuda] [--presets tiny,cifar10-ddpmpp] [--distances NAMES]
+        [--batches 16,64 | tiny=16,64 cifar10-ddpmpp=8] [--phases] [--compile] [--bf16-cpu] [--set KEY=VALUE ...]
+        [--write BENCHMARKS.md [--section NAME]]       # NAMES: see --help (pseudo_huber, mfd, ..., meanflow_mfd)
     python benchmarks/throughput.py --merge SRC.md --write DST.md   # copy the throughput-* sections
 
 Every distance is a real run's `Trainer`, built from a `Config` with overrides by the project's
-own build code (ECT at the AYT reference stage, objective.q=256 fixed; `continuous*`:
-objective.kind=continuous) on a synthetic in-memory dataset: random images of the preset's
+own build code (ECT at the AYT reference stage, objective.q=256 fixed; `continuous*`, `meanflow*`:
+those kinds) on a synthetic in-memory dataset: random images of the preset's
 resolution in a temporary .npz (data.name=npz). What is timed is exactly `Trainer.step()`: the
 batch gather from memory, student and target forwards, distance, backward, (clipping,) the
 finiteness check, the optimizer with its LR schedule and the EMA. The trainers of one (preset,
@@ -55,8 +54,8 @@ from common import load_average, machine_info, machine_line, markdown_table, rea
 PRESETS = {"tiny": (16, "tiny_vgg", None), "cifar10-ddpmpp": (32, "vgg16_bn", 0.2)}  # resolution, MFD features, ECT dropout
 LABELS = {"pseudo_huber": "pseudo-Huber (pixel)", "mfd": "MFD aligned (AYT)", "mfd_plain": "MFD plain", "lpips": "LPIPS plain",
           "lpips_aligned": "LPIPS aligned", "continuous": "continuous CT (pixel JVP)", "continuous_mfd": "continuous CT (MFD JVP)",
-          "continuous_warmup": "continuous CT (pixel JVP) + tangent warm-up", "continuous_adaptive": "continuous CT (pixel JVP) + "
-          "adaptive weighting", "continuous_fd": "continuous CT (pixel, finite-difference JVP)"}
+          "continuous_warmup": "continuous CT + tangent warm-up", "continuous_adaptive": "continuous CT + adaptive weighting",
+          "continuous_fd": "continuous CT (finite-difference JVP)", "meanflow": "MeanFlow (pixel)", "meanflow_mfd": "MeanFlow (MFD)"}
 MFD_TARGETS = {"tiny": 1.25, "cifar10-ddpmpp": 1.10}  # MFD step time / pseudo-Huber step time
 SAMPLING_TARGET = 1000.0  # images/s, 1-step sampling of the tiny preset on the CPU
 VERDICT = {True: "**PASS**", False: "**MISS**"}
@@ -107,12 +106,14 @@ def config_for(spec: dict, distance: str, files: dict, run_dir: str):
     res, _, dropout = PRESETS[preset]
     features, ct = f"distance.features={files.get(f'features-{preset}')}", ["objective.kind=continuous", "distance.name=l2"]
     lpips = ["distance.name=lpips", f"distance.lpips_weights={files.get('lpips')}"]
-    arm = {  # continuous_*: sCM's stabilisers on pixel tangents (the tangent warm-up never ends here)
+    mf = ["objective.kind=meanflow", "objective.mf_ratio=0.75"]
+    arm = {  # continuous_*: sCM's stabilisers on pixel tangents (the tangent warm-up never ends here); meanflow: 75% r != t (CIFAR-10)
         "pseudo_huber": ["distance.name=pseudo_huber"], "lpips": lpips, "lpips_aligned": [*lpips, "distance.mode=aligned"],
         "mfd": ["distance.name=mfd", "distance.mode=aligned", features], "mfd_plain": ["distance.name=mfd", features],
         "continuous": ct, "continuous_mfd": ["objective.kind=continuous", "distance.name=mfd", features],
         "continuous_warmup": [*ct, "objective.warmup_steps=1000000000"], "continuous_fd": [*ct, "objective.jvp=fd"],
         "continuous_adaptive": [*ct, "objective.adaptive_weight=true"],
+        "meanflow": [*mf, "distance.name=squared_l2"], "meanflow_mfd": [*mf, "distance.name=mfd", "distance.mode=aligned", features],
     }[distance]
     common = [
         "data.name=npz", f"data.root={files[preset]}", f"data.resolution={res}", f"network.preset={preset}",
@@ -130,8 +131,7 @@ def cpu_seconds() -> float:
 
 
 def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
 
 
 def prewarm_optimizer(trainer, steps: int = 6) -> None:
@@ -411,7 +411,7 @@ def section_markdown(state: dict) -> str:
     if not state["done"]:
         out += ["**Partial: the run had not finished when this was written.**", ""]
     out += [("What is timed: `ayt.train.Trainer.step()` itself, the engine's training step, for a `Trainer` built from a "
-             "`Config` (ECT at the AYT reference stage, `objective.q=256`, fixed; continuous CT: `objective.kind=continuous`; "
+             "`Config` (ECT at the AYT reference stage, `objective.q=256`, fixed; continuous CT: `objective.kind=continuous`; MeanFlow: `objective.kind=meanflow`, 75% of draws with r != t; "
              "RAdam, EMA 0.9999) on a synthetic in-memory dataset of random images of the preset's resolution (`data.name=npz`, "
              "no file reading in the step): batch gather, student and no-grad target forwards, distance, backward, "
              "finiteness check, LR schedule, optimizer, EMA (clipping when `optim.grad_clip` is set; it is not here unless the "
