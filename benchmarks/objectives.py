@@ -4,9 +4,11 @@ Two groups, each on the convergence benchmark's machinery (`convergence.py`: sha
 initialisations, segments ending at the evaluation steps, EMA scored with the dataset's metric):
 
 - **tuned**, from one shared EDM model (the same init for every arm), one budget: ECT with
-  pseudo-Huber, ECT + AYT (aligned MFD), continuous-time consistency training (CT, `v = eps`) and
-  distillation (CD, the EDM model as frozen teacher) with the pixel or the MFD tangent, each with
-  and without sCM's stabilisers (tangent warm-up over the first quarter, adaptive weighting);
+  pseudo-Huber, ECT + AYT (aligned MFD), continuous-time consistency training (CT, `v = eps`) with
+  the pixel or the MFD tangent, each with and without sCM's stabilisers (tangent warm-up over the
+  first quarter, adaptive weighting), and distillation (CD, the EDM model as frozen teacher) at the
+  two ends only: pixel tangent without stabilisers, MFD tangent with them (so CD's pair changes two
+  things at once; the CT arms separate them);
 - **scratch**: MeanFlow from random weights, pixel loss vs the MFD direction (method.md section 8),
   with the authors' CIFAR-10 MeanFlow settings (configs/shapes-meanflow.yaml) and a longer budget.
 
