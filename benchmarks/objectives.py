@@ -124,24 +124,25 @@ def final_table(results: dict, ds: str) -> list[str]:
 
 
 def plot(results: dict, ds: str, path: Path) -> Path:
-    """The primary metric versus steps: one panel per group, mean line and min/max band over seeds."""
+    """Each metric (rows) versus steps, one column per group; mean line and min/max band over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = conv.PRIMARY[ds]
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 3.8), squeeze=False)
-    for ax, (group, res) in zip(axes[0], results.items()):
+    keys = [conv.PRIMARY[ds], *conv.SECONDARY[ds]]
+    fig, axes = plt.subplots(len(keys), len(results), figsize=(6 * len(results), 3.2 * len(keys)), squeeze=False)
+    for col, (group, res) in enumerate(results.items()):
         for arm in conv.main_arms(conv.Budget(**res["budget"])):
             runs = conv.curves(res, ds, arm)
-            if runs:
+            for row, key in enumerate(keys if runs else []):
+                ax = axes[row][col]
                 steps, mean, lo, hi, _ = conv.mean_curve(runs, key)
                 line, = ax.plot(steps, mean, "--" if "mfd" in arm.name else "-", marker=".", label=arm.name)
                 ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.12)
-        ax.set(xscale="log", xlabel="training steps", ylabel=key, title=f"{ds}: {group}")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+                ax.set(xscale="log", xlabel="training steps", ylabel=key, title=f"{ds}: {group}")
+                ax.grid(alpha=0.3, which="both")
+        axes[0][col].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=70)
@@ -157,11 +158,13 @@ def markdown(results: dict, plots: dict[str, str], command: str, notes: str | No
            f"Command: `{command}`", "", machine_line(first["machine"]), ""]
     for group, res in results.items():
         b = res["budget"]
+        samples = ", ".join(f"{b['num_samples'][ds]} ({ds})" for ds in b["datasets"])
         out += [f"- **{group}**: {b['ect_steps']} steps, batch {b['batches']}, seeds {b['seeds']}, EMA {b['ema_decay']}, "
-                f"scored at steps {b['eval_steps']} with {b['num_samples']} samples; arms: "
+                f"scored at steps {b['eval_steps']} with {samples} samples; arms: "
                 + "; ".join(f"`{name}` = {' '.join(o for o in ov)}" for name, ov in b["arms"].items())
                 + f". {res['workers']} workers, 1 torch thread each, on {res['device']}; {res['total_wall_s'] / 60:.1f} min."]
-    out += ["", "Shared initialisations: " + "; ".join(conv.init_lines(first)), ""]
+    out += ["", "Shared initialisations (the tuned arms start from the EDM model; MFD arms use the feature network):", "",
+            *conv.init_lines(first), ""]
     if notes:
         out += [notes.strip(), ""]
     for ds in first["budget"]["datasets"]:
