@@ -53,3 +53,20 @@ def test_arms_need_their_own_budget_name():
     """--arms with a stock budget would overwrite that budget's results and section: refused."""
     with pytest.raises(SystemExit, match="name the variant"):
         bench.main(["--arms", "pseudo_huber=distance.name=l2", "--report-only"])
+
+
+def test_objectives_report_renders_from_the_saved_results(tmp_path, monkeypatch):
+    """benchmarks/objectives.py --report-only rebuilds its section (tables, findings, plot) from the JSON."""
+    import objectives
+
+    for key, value in bench.MALLOC_ENV.items():  # already set: the script does not re-exec itself
+        monkeypatch.setenv(key, value)
+
+    target = tmp_path / "B.md"
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("objectives.json", "objectives-notes.md"):
+        (results / name).write_text((Path(bench.ROOT) / "benchmarks" / "results" / name).read_text())
+    objectives.main(["--report-only", "--results", str(results), "--write", str(target)])
+    text = target.read_text()
+    assert "<!-- objectives:start -->" in text and "| scratch | meanflow |" in text and "### Findings" in text
