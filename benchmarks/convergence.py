@@ -193,9 +193,17 @@ def main_arms(budget: Budget) -> list[Arm]:
     return [Arm(name, b, tuple(distances[name])) for name in distances for b in budget.batches]
 
 
+class UsageError(Exception):
+    """Bad command-line input: one line on stderr, exit code 2 (`run_main`)."""
+
+
 def parse_arms(text: str) -> dict[str, list[str]]:
     """`NAME=override,override;NAME=...` -> {NAME: [override, ...]} (commas inside [...] stay)."""
-    pairs = [part.split("=", 1) for part in text.split(";") if part.strip()]
+    parts = [part for part in text.split(";") if part.strip()]
+    bad = [part for part in parts if "=" not in part]
+    if bad or not parts:
+        raise UsageError(f"--arms {text!r}: write NAME=override,override;NAME=... (e.g. 'l2=distance.name=l2')")
+    pairs = [part.split("=", 1) for part in parts]
     return {name.strip(): re.split(r",(?![^\[]*\])", overrides) for name, overrides in pairs}
 
 
@@ -990,11 +998,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     budget = QUICK if args.quick else LONG if args.long else NEAR if args.near else FULL
-    changes = {**json.loads(args.budget_json or "{}"), **({"arms": parse_arms(args.arms)} if args.arms else {}),
-               **({"datasets": args.datasets.split(",")} if args.datasets else {})}
-    budget = replace(budget, **changes)
+    try:
+        extra = json.loads(args.budget_json or "{}")
+        budget = replace(budget, **extra, **({"arms": parse_arms(args.arms)} if args.arms else {}),
+                         **({"datasets": args.datasets.split(",")} if args.datasets else {}))
+    except (ValueError, TypeError) as err:  # bad JSON, or a field Budget does not have
+        raise UsageError(f"--budget-json {args.budget_json!r}: {str(err).splitlines()[0]}; give a JSON object of "
+                         f"Budget fields ({', '.join(Budget.__dataclass_fields__)})") from None
+    unknown = sorted(set(budget.datasets) - set(PRIMARY))
+    if unknown:
+        raise UsageError(f"--datasets: unknown {unknown}; choose from {', '.join(PRIMARY)}")
     if budget.arms and budget.name in ("full", "quick", "long", "near"):
-        raise SystemExit(f"--arms replaces the main arms: name the variant, e.g. --budget-json "
+        raise UsageError(f"--arms replaces the main arms: name the variant, e.g. --budget-json "
                          f"'{{\"name\": \"{budget.name}-variant\"}}', so that its results and section do not "
                          f"overwrite the {budget.name} budget's")
     _reexec_with_malloc_env()
@@ -1064,5 +1079,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote the {prefix} section of {target}")
 
 
+def run_main(main_fn) -> None:
+    """Run a benchmark's `main`; bad input (UsageError, or the library's AytError such as a bad
+    --device) ends with one line and exit code 2 instead of a traceback."""
+    from ayt.errors import AytError
+
+    try:
+        main_fn()
+    except (UsageError, AytError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -51,7 +51,7 @@ def test_near_report_states_the_gpu_the_init_curve_and_each_step():
 
 def test_arms_need_their_own_budget_name():
     """--arms with a stock budget would overwrite that budget's results and section: refused."""
-    with pytest.raises(SystemExit, match="name the variant"):
+    with pytest.raises(bench.UsageError, match="name the variant"):
         bench.main(["--arms", "pseudo_huber=distance.name=l2", "--report-only"])
 
 
