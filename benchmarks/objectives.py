@@ -188,7 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report-only", action="store_true", help="rebuild the section from the saved JSON")
     p.add_argument("--write", default=None, help="write the 'objectives' section of this markdown file")
     args = p.parse_args(argv)
+    datasets = args.datasets.split(",") if args.datasets else None
+    unknown = sorted(set(datasets or []) - set(conv.PRIMARY))
+    if unknown:
+        raise conv.UsageError(f"--datasets: unknown {unknown}; choose from {', '.join(conv.PRIMARY)}")
     conv._reexec_with_malloc_env()
+    from ayt.runtime import check_device
+
+    check_device(args.device, "--device")
     size = "quick" if args.quick else "full"
     suffix = "-quick" if args.quick else ""
     out = Path(args.out or ROOT / "runs" / "bench" / f"objectives{suffix}")
@@ -200,8 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from common import machine_info
 
-        datasets = args.datasets.split(",") if args.datasets else None
         results = run(size, datasets, out, args.workers, args.device)
+        failed = [name for res in results.values() for part in ("inits", "arms") for name, v in res[part].items() if v is None]
+        if failed:  # keep the previous results file and section: a partial run must not replace them
+            raise conv.UsageError(f"{len(failed)} runs failed or were skipped ({', '.join(failed[:3])}"
+                                  f"{', ...' if len(failed) > 3 else ''}; see the log above); {json_path} and the section "
+                                  "are unchanged; finished runs are reused when you run the command again")
         for res in results.values():
             res.update(machine=machine_info(), command=command)
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -221,4 +232,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    conv.run_main(main)
