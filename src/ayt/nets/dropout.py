@@ -45,9 +45,16 @@ def _int32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def _seed_halves(seed: int) -> list[int]:
-    """A 64-bit seed as its two 32-bit halves, each as a signed int32 value."""
-    return [_int32(seed), _int32(seed >> 32)]
+#: Spreads consecutive element indices before hashing (2^32 / golden ratio, as int32). It travels
+#: in the key tensor rather than as a literal: Inductor folds `arange * literal` into its index
+#: arithmetic, and Triton refuses the folded constants (out of int32 range), which broke
+#: `train.compile` on CUDA. Multiplying by a loaded value keeps the product in int32 tensor maths.
+INDEX_MULTIPLIER = _int32(0x9E3779B9)
+
+
+def hash_keys(seed: int) -> list[int]:
+    """The key of a 64-bit seed as int32 values: its two 32-bit halves and `INDEX_MULTIPLIER`."""
+    return [_int32(seed), _int32(seed >> 32), INDEX_MULTIPLIER]
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -63,10 +70,11 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 16) & 0xFFFF)
 
 
-def hashed_keep_mask(shape: torch.Size | tuple[int, ...], seed: torch.Tensor, p: float, part: int = 0) -> torch.Tensor:
+def hashed_keep_mask(shape: torch.Size | tuple[int, ...], keys: torch.Tensor, p: float, part: int = 0) -> torch.Tensor:
     """Boolean keep-mask of `shape`: element `i` kept iff `hash(part * numel + i, seed) >= p 2^32` (unsigned).
 
-    `seed` is an int32 tensor `[2]` (two 32-bit halves) on the target device. The mask is a pure
+    `keys` is an int32 tensor `[3]` on the target device: the seed's two 32-bit halves and
+    `INDEX_MULTIPLIER` (`hash_keys`). The mask is a pure
     function of (shape, seed, p, part): no generator state, identical on every device, and made
     of tensor ops only, so `torch.compile` traces it without graph breaks or recompiles. `part`
     (a DDP rank) selects that rank's slice of the mask of the global batch, so a run's masks do
@@ -75,9 +83,9 @@ def hashed_keep_mask(shape: torch.Size | tuple[int, ...], seed: torch.Tensor, p:
     n = math.prod(shape)
     check(n * (part + 1) < 2**31, f"dropout on {n * (part + 1)} elements: the seeded mask indexes at most 2^31; "
           "use a smaller batch")
-    index = torch.arange(part * n, (part + 1) * n, device=seed.device, dtype=torch.int32).view(shape)
-    h = _hash32(index * _int32(0x9E3779B9) ^ seed[0])
-    h = _hash32(h ^ seed[1])
+    index = torch.arange(part * n, (part + 1) * n, device=keys.device, dtype=torch.int32).view(shape)
+    h = _hash32(index * keys[2] ^ keys[0])
+    h = _hash32(h ^ keys[1])
     # Flipping the sign bit maps the unsigned order of the bit patterns onto the signed order:
     # signed(h ^ 0x80000000) = unsigned(h) - 2^31. Keep iff unsigned(h) >= round(p 2^32).
     threshold = min(int(round(p * 2**32)), 2**32 - 1)
@@ -99,25 +107,25 @@ class SeededDropout(nn.Module):
         self.shared = False  # whether `shared_seed` is set (forward reads only this flag: a
         # compiled graph guards on its value, and on an int it would recompile per seed)
         self.part = 0  # this process's slice of the global batch (its DDP rank; fixed per process)
-        # The same seed as a tensor (two 32-bit halves), filled in place by `shared_dropout`:
-        # a buffer, so a compiled graph reads its value instead of specialising on it.
-        self.register_buffer("seed_halves", torch.zeros(2, dtype=torch.int32), persistent=False)
+        # The same seed as a tensor (`hash_keys`), filled in place by `shared_dropout`: a buffer,
+        # so a compiled graph reads its value instead of specialising on it.
+        self.register_buffer("seed_keys", torch.tensor(hash_keys(0), dtype=torch.int32), persistent=False)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
-    def set_shared_seed(self, seed: int | None, part: int = 0, halves: torch.Tensor | None = None) -> None:
-        """Share masks under `seed` (None: back to plain dropout). `halves`: the seed's two int32
-        halves already on this layer's device (`shared_dropout` moves all layers' at once)."""
+    def set_shared_seed(self, seed: int | None, part: int = 0, keys: torch.Tensor | None = None) -> None:
+        """Share masks under `seed` (None: back to plain dropout). `keys`: the seed's `hash_keys`
+        already on this layer's device (`shared_dropout` moves all layers' at once)."""
         self.shared_seed, self.shared, self.part = seed, seed is not None, part
         if seed is not None:
-            if halves is None:
-                halves = torch.tensor(_seed_halves(seed), dtype=torch.int32)
-            self.seed_halves.copy_(halves)
+            if keys is None:
+                keys = torch.tensor(hash_keys(seed), dtype=torch.int32)
+            self.seed_keys.copy_(keys)
 
     def keep_mask(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """Boolean keep-mask of `shape` for this layer's shared seed (see `hashed_keep_mask`)."""
-        return hashed_keep_mask(shape, self.seed_halves, self.p, self.part)
+        return hashed_keep_mask(shape, self.seed_keys, self.p, self.part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -145,13 +153,13 @@ class SeededLabelDropout(SeededDropout):
         return x * keep.to(x.dtype)
 
 
-def _halves_on_device(seeds: list[int], device: torch.device) -> torch.Tensor:
-    """`[L, 2]` int32 halves of the layers' seeds on `device`, in one host-to-device copy
+def _keys_on_device(seeds: list[int], device: torch.device) -> torch.Tensor:
+    """`[L, 3]` int32 `hash_keys` of the layers' seeds on `device`, in one host-to-device copy
     (pinned and asynchronous on CUDA, instead of one blocking copy per layer)."""
-    halves = torch.tensor([_seed_halves(s) for s in seeds], dtype=torch.int32)
+    keys = torch.tensor([hash_keys(s) for s in seeds], dtype=torch.int32)
     if device.type == "cuda":
-        return halves.pin_memory().to(device, non_blocking=True)
-    return halves.to(device)
+        return keys.pin_memory().to(device, non_blocking=True)
+    return keys.to(device)
 
 
 @contextmanager
@@ -173,9 +181,9 @@ def shared_dropout(module: nn.Module, seed: int, part: int = 0) -> Iterator[None
     layers = [m for m in module.modules() if isinstance(m, SeededDropout)]
     previous = [(layer.shared_seed, layer.part) for layer in layers]
     seeds = [_mix_seed(seed, index) for index in range(len(layers))]
-    halves = _halves_on_device(seeds, layers[0].seed_halves.device) if layers else None
+    keys = _keys_on_device(seeds, layers[0].seed_keys.device) if layers else None
     for index, layer in enumerate(layers):
-        layer.set_shared_seed(seeds[index], part, halves[index])
+        layer.set_shared_seed(seeds[index], part, keys[index])
     try:
         yield
     finally:
