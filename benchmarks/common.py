@@ -12,6 +12,7 @@ import datetime
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 TITLE = "# Benchmarks\n\nEvery number below comes from the command printed with it (scripts in `benchmarks/`).\n"
@@ -113,3 +114,19 @@ def machine_line(info: dict) -> str:
 
 
 from ayt.markdown import markdown_table  # noqa: E402,F401  (the library's one table writer, re-exported)
+
+
+class UsageError(Exception):
+    """Bad command-line input: one line on stderr, exit code 2 (`run_main`)."""
+
+
+def run_main(main_fn) -> None:
+    """Run a benchmark's `main`; bad input (UsageError, or the library's AytError such as a bad
+    --device) ends with one line and exit code 2 instead of a traceback."""
+    from ayt.errors import AytError
+
+    try:
+        main_fn()
+    except (UsageError, AytError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -64,6 +64,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
 
+from common import UsageError, run_main  # noqa: E402,F401 (objectives.py uses both through this module)
+
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 PRIMARY = {"shapes": "manifold_rms", "digits": "fd_digits"}
 SECONDARY = {"shapes": ["param_fd", "coverage"], "digits": []}  # digits: KID only in the noise check
@@ -191,10 +193,6 @@ FEATURE_VARIANTS = {"features-geo": (1000, ("features.subset=geo",)), "features-
 def main_arms(budget: Budget) -> list[Arm]:
     distances = budget.arms or MAIN_DISTANCES
     return [Arm(name, b, tuple(distances[name])) for name in distances for b in budget.batches]
-
-
-class UsageError(Exception):
-    """Bad command-line input: one line on stderr, exit code 2 (`run_main`)."""
 
 
 def parse_arms(text: str) -> dict[str, list[str]]:
@@ -1077,18 +1075,6 @@ def main(argv: list[str] | None = None) -> None:
 
         write_section(target, prefix, text)
         print(f"wrote the {prefix} section of {target}")
-
-
-def run_main(main_fn) -> None:
-    """Run a benchmark's `main`; bad input (UsageError, or the library's AytError such as a bad
-    --device) ends with one line and exit code 2 instead of a traceback."""
-    from ayt.errors import AytError
-
-    try:
-        main_fn()
-    except (UsageError, AytError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ from ayt.sampling import generate, schedule_for
 from ayt.train import STEP_PHASES, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, machine_info, machine_line, markdown_table, read_section, usable_cores, write_section  # noqa: E402
+from common import (UsageError, load_average, machine_info, machine_line, markdown_table, read_section,  # noqa: E402
+                    run_main, usable_cores, write_section)
 
 PRESETS = {"tiny": (16, "tiny_vgg", None), "cifar10-ddpmpp": (32, "vgg16_bn", 0.2)}  # resolution, MFD features, ECT dropout
 LABELS = {"pseudo_huber": "pseudo-Huber (pixel)", "mfd": "MFD aligned (AYT)", "mfd_plain": "MFD plain", "lpips": "LPIPS plain",
@@ -264,7 +265,7 @@ def parse_batches(items: list[str] | None, presets: list[str], default: dict[str
         name, _, values = item.rpartition("=")
         for preset in [name] if name else presets:
             if preset not in PRESETS:
-                raise SystemExit(f"unknown preset {preset!r} in a batch list; use {', '.join(PRESETS)}")
+                raise UsageError(f"unknown preset {preset!r} in a batch list; use {', '.join(PRESETS)}")
             out[preset] = [int(v) for v in values.split(",") if v]
     return out
 
@@ -296,13 +297,13 @@ def plan(args: argparse.Namespace) -> dict:
     """Resolve defaults into the configurations to run."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+        raise UsageError("--device cuda: no CUDA device is visible to torch")
     presets = [p for p in args.presets.split(",") if p]
     if any(p not in PRESETS for p in presets):
-        raise SystemExit(f"unknown preset in {args.presets!r}; use {', '.join(PRESETS)}")
+        raise UsageError(f"unknown preset in {args.presets!r}; use {', '.join(PRESETS)}")
     distances = [d for d in args.distances.split(",") if d and d != "pseudo_huber"]
     if any(d not in LABELS for d in distances):
-        raise SystemExit(f"unknown distance in {args.distances!r}; use {', '.join(LABELS)}")
+        raise UsageError(f"unknown distance in {args.distances!r}; use {', '.join(LABELS)}")
     defaults = {key: dict(zip(PRESETS, values)) for key, values in DEFAULTS[device].items()}
     precisions = args.precisions.split(",") if args.precisions else (["fp32", "bf16"] if device == "cuda" else ["fp32"])
     sample_precisions = precisions + (["bf16"] if args.bf16_cpu and "bf16" not in precisions else [])
@@ -453,7 +454,7 @@ def merge(source: str, target: str | None) -> None:
     """Copy every `throughput*` section of the file `source` into the file `target`."""
     names = re.findall(r"<!-- (throughput[\w-]*):start -->", Path(source).read_text())
     if not target or not names:
-        raise SystemExit("--merge needs --write TARGET" if not target else f"{source} holds no throughput section")
+        raise UsageError("--merge needs --write TARGET" if not target else f"{source} holds no throughput section")
     for name in names:
         write_section(target, name, read_section(source, name) or "")
         log(f"copied section {name} from {source} into {target}")
@@ -496,4 +497,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -34,3 +34,18 @@ def test_throughput_times_the_trainer_step_and_merges_sections(tmp_path):
     merged = tmp_path / "merged.md"
     throughput.main(["--merge", str(out), "--write", str(merged)])
     assert "<!-- throughput-cpu-test:end -->" in merged.read_text()
+
+
+def test_throughput_bad_input_is_one_line_and_exit_2(capsys):
+    """An unknown distance or preset ends with one `error:` line naming the choices, exit code 2."""
+    import pytest
+
+    import throughput
+    from common import run_main
+
+    for argv, named in ((["--distances", "bogus"], "pseudo_huber"), (["--presets", "nope"], "tiny")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(lambda: throughput.main(argv))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: unknown") and named in err and "\n" not in err
