@@ -1028,7 +1028,7 @@ def main(argv: list[str] | None = None) -> None:
         names = args.ablations.split(",")
         unknown = [n for n in names if n not in ABLATIONS]
         if unknown:
-            raise SystemExit(f"unknown ablation {unknown}; choose from {', '.join(ABLATIONS)}")
+            raise UsageError(f"unknown ablation {unknown}; choose from {', '.join(ABLATIONS)}")
         seeds = tuple(int(v) for v in args.ablation_seeds.split(","))
         res = run_ablations(out, args.workers, budget, names, args.ablation_batch, seeds, args.ablation_data, init_root,
                             args.device)

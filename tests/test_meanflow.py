@@ -221,6 +221,27 @@ def test_aligned_squared_pixels_is_the_pixel_gradient():
     torch.testing.assert_close(aligned, pixel)
 
 
+def test_gated_mfd_takes_the_pixel_gradient_above_tmax():
+    """objective.mf_mfd_tmax: rows with t > tmax get the pixel gradient 2 w Delta, the others the
+    feature direction; the logged value stays the pixel loss."""
+    d = TinyPhi()
+    pair = mfd_pair()
+    tmax = float(pair.t.min() + pair.t.max()) / 2  # splits the two draws
+    assert pair.t.min() < tmax < pair.t.max()
+    grads = {}
+    for name, objective in {"pixel": MeanFlowObjective(norm_p=0.75, norm_eps=1e-3),
+                            "mfd": MeanFlowObjective(Aligned(d), norm_p=0.75, norm_eps=1e-3),
+                            "gated": MeanFlowObjective(Aligned(d), norm_p=0.75, norm_eps=1e-3, mfd_tmax=tmax)}.items():
+        loss = objective.loss(pair)
+        grads[name] = torch.autograd.grad(loss.sum(), pair.u)[0]
+    near, far = pair.t <= tmax, pair.t > tmax
+    torch.testing.assert_close(grads["gated"][near], grads["mfd"][near])
+    torch.testing.assert_close(grads["gated"][far], grads["pixel"][far])
+    assert not torch.allclose(grads["mfd"][far], grads["pixel"][far])  # the gate changes something
+    zero = MeanFlowObjective(Aligned(d), norm_p=0.75, norm_eps=1e-3, mfd_tmax=0.0)
+    torch.testing.assert_close(torch.autograd.grad(zero.loss(pair).sum(), pair.u)[0], grads["pixel"])
+
+
 # ---------------------------------------------------------------- sampling
 def test_sampler_one_step_and_few_steps():
     net = small_meanflow().eval()
@@ -287,6 +308,8 @@ def test_bad_meanflow_combinations_fail_in_one_line(tmp_path):
         "denoise_sigmas": [*base, "eval.denoise_sigmas=[0.2]"],
         "mf_ratio": [*base, "objective.mf_ratio=1.5"],
         "mf_second": [*base, "objective.mf_second=h"],
+        "mf_mfd_tmax=1.5 must lie": [*base, "objective.mf_mfd_tmax=1.5"],
+        "gates the feature direction": [*base, "objective.mf_mfd_tmax=0.5"],  # pixel mode has no feature direction
         "applies to objective.kind=meanflow only": ["objective.kind=ect", "objective.mf_ratio=0.5"],
     }
     for match, overrides in cases.items():

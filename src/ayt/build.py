@@ -102,7 +102,7 @@ def _meanflow_objective(config: Config, p_mean: float, p_std: float, resolution:
     aligned = None
     if d.mode == "aligned":
         aligned = Aligned(build_distance(d.name, **distance_options(config, d.name, resolution, channels)))
-    return MeanFlowObjective(aligned, p_mean, p_std, o.mf_ratio, o.mf_norm_p, o.mf_norm_eps)
+    return MeanFlowObjective(aligned, p_mean, p_std, o.mf_ratio, o.mf_norm_p, o.mf_norm_eps, o.mf_mfd_tmax)
 
 
 def distance_options(config: Config, name: str, resolution: int | None = None, channels: int | None = None) -> dict:

@@ -89,6 +89,7 @@ class ObjectiveConfig:
     mf_norm_p: float = 1.0  # adaptive loss weight 1 / (loss + mf_norm_eps)^mf_norm_p
     mf_norm_eps: float = 0.01
     mf_second: str = "t-r"  # the net's second time input: t-r (paper) | r
+    mf_mfd_tmax: float = 1.0  # distance.mode=aligned: the feature direction for draws with t <= this, the pixel gradient above (method.md 8.3)
 
 
 @dataclass
@@ -283,8 +284,9 @@ def _rules_objective(c: ObjectiveConfig) -> None:
     _positive(c.mf_norm_p, "objective.mf_norm_p", zero=True)
     _positive(c.mf_norm_eps, "objective.mf_norm_eps")
     _one_of(c.mf_second, ["t-r", "r"], "objective.mf_second")
+    check(0 <= c.mf_mfd_tmax <= 1, f"objective.mf_mfd_tmax={c.mf_mfd_tmax} must lie in [0, 1] (1: the feature direction at every t)")
     defaults = ObjectiveConfig()
-    for key in ("mf_ratio", "mf_norm_p", "mf_norm_eps", "mf_second"):
+    for key in ("mf_ratio", "mf_norm_p", "mf_norm_eps", "mf_second", "mf_mfd_tmax"):
         check(getattr(c, key) == getattr(defaults, key) or c.kind == "meanflow",
               f"objective.{key} applies to objective.kind=meanflow only; drop it or set objective.kind=meanflow")
 
@@ -294,6 +296,9 @@ def _rules_meanflow(c: Config) -> None:
     d = c.distance
     check(d.mode != "pixel+aligned", "objective.kind=meanflow takes one distance: distance.mode=pixel "
           "(distance.name=squared_l2, the paper's loss) or distance.mode=aligned (e.g. distance.name=mfd), not pixel+aligned")
+    check(c.objective.mf_mfd_tmax == 1 or d.mode == "aligned",
+          f"objective.mf_mfd_tmax={c.objective.mf_mfd_tmax} gates the feature direction of distance.mode=aligned; "
+          "drop it, or set distance.mode=aligned distance.name=mfd")
     check(d.mode != "pixel" or d.name == "squared_l2",
           f"objective.kind=meanflow in pixels is the paper's squared L2 with the adaptive weight: set distance.name=squared_l2, "
           f"or distance.mode=aligned for a feature direction (distance.name=mfd); not distance.name={d.name}")

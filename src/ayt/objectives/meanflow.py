@@ -110,14 +110,16 @@ class MeanFlowObjective(nn.Module):
         p_mean, p_std: the logit-normal distribution of `t` and `r`.
         ratio: the fraction of draws with `r != t`.
         norm_p, norm_eps: the adaptive weight `1 / (||Delta||^2 + norm_eps)^norm_p`.
+        mfd_tmax: with `aligned`, draws with `t > mfd_tmax` take the pixel gradient instead of the
+            feature direction (method.md 8.3); 1 keeps the feature direction at every `t`.
     """
 
     def __init__(self, aligned: nn.Module | None = None, p_mean: float = -0.4, p_std: float = 1.0,
-                 ratio: float = 0.25, norm_p: float = 1.0, norm_eps: float = 0.01):
+                 ratio: float = 0.25, norm_p: float = 1.0, norm_eps: float = 0.01, mfd_tmax: float = 1.0):
         super().__init__()
         self.aligned = aligned
         self.p_mean, self.p_std, self.ratio = p_mean, p_std, ratio
-        self.norm_p, self.norm_eps = norm_p, norm_eps
+        self.norm_p, self.norm_eps, self.mfd_tmax = norm_p, norm_eps, mfd_tmax
 
     def sample(self, x0: Tensor, rng: StepRandom) -> tuple[Tensor, Tensor, Tensor]:
         """The draws of one step: `(r [B], t [B], eps [B, C, H, W])`."""
@@ -149,6 +151,9 @@ class MeanFlowObjective(nn.Module):
         _, g_unit = self.aligned.unit_gradient(x_hat, x_tgt)
         size = 2 * w * squared.detach().sqrt()  # |dL/du| of the pixel loss
         grad_u = -size.view(-1, 1, 1, 1) * g_unit.to(precise)
+        if self.mfd_tmax < 1:  # far from the data the pixel gradient 2 w Delta (method.md 8.3)
+            pixel = (pair.t > self.mfd_tmax).view(-1, 1, 1, 1)
+            grad_u = torch.where(pixel, 2 * w.view(-1, 1, 1, 1) * delta.view_as(grad_u), grad_u)
         surrogate = (pair.u.to(precise) * grad_u.detach()).flatten(1).sum(1)  # gradient: grad_u
         return surrogate - surrogate.detach() + (w * squared).detach()
 
