@@ -911,7 +911,7 @@ def step_table(results: dict, ds: str, keys: list[str]) -> str:
 
 def markdown(results: dict, summary: dict, plots: dict, command: str, notes: str | None,
              ablations: list[str] | None = None, extra: str | None = None) -> str:
-    from common import machine_info, machine_line
+    from common import machine_line
 
     budget = results["budget"]
     total = budget["ect_steps"]
@@ -919,7 +919,8 @@ def markdown(results: dict, summary: dict, plots: dict, command: str, notes: str
     out = [f"## Convergence{', near-convergence regime' if budget['name'] == 'near' else ''} (ECT vs ECT + AYT)", "",
            ("Tests method.md section 6 at CPU scale: *ECT + AYT reaches the baseline's final quality about 10x "
             "sooner* and *at 1/8 of the batch it matches the baseline*."), "",
-           f"Command: `{command}`", "", machine_line(results.get("machine") or machine_info()), "",
+           f"Command: `{command}`", "",
+           machine_line(results["machine"]) if results.get("machine") else "Machine: not recorded with these results.", "",
            (f"Budget ({budget['name']}): every arm tunes the same cached EDM model for **{total} ECT steps** "
             f"(gap halves every {total // 4} steps, lr {BENCH_LR:g} for every arm, EMA {budget.get('ema_decay')}, preset `configs/<data>-ect.yaml` "
             "plus the distance), "

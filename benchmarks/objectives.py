@@ -6,7 +6,7 @@ initialisations, segments ending at the evaluation steps, EMA scored with the da
 - **tuned**, from one shared EDM model (the same init for every arm), one budget: ECT with
   pseudo-Huber, ECT + AYT (aligned MFD), continuous-time consistency training (CT, `v = eps`) with
   the pixel or the MFD tangent, each with and without sCM's stabilisers (tangent warm-up over the
-  first quarter, adaptive weighting), and distillation (CD, the EDM model as frozen teacher) at the
+  first quarter, adaptive weighting; with the MFD tangent also each one alone), and distillation (CD, the EDM model as frozen teacher) at the
   two ends only: pixel tangent without stabilisers, MFD tangent with them (so CD's pair changes two
   things at once; the CT arms separate them);
 - **scratch**: MeanFlow from random weights, pixel loss vs the MFD direction (method.md section 8), at
@@ -58,6 +58,8 @@ def tuned_arms(steps: int) -> dict[str, list[str]]:
         "ct_mfd": [*CONTINUOUS, *MFD],
         "ct_stab": [*CONTINUOUS, *PIXEL, *stab],
         "ct_mfd_stab": [*CONTINUOUS, *MFD, *stab],
+        "ct_mfd_warmup": [*CONTINUOUS, *MFD, stab[0]],  # each stabiliser alone, with the MFD tangent
+        "ct_mfd_adaptive": [*CONTINUOUS, *MFD, stab[1]],
         "cd": [*CONTINUOUS, *PIXEL, *CD],
         "cd_mfd_stab": [*CONTINUOUS, *MFD, *CD, *stab],
     }
@@ -165,7 +167,8 @@ def markdown(results: dict, plots: dict[str, str], command: str, notes: str | No
         out += [f"- **{group}**: {b['ect_steps']} steps, batch {b['batches']}, seeds {b['seeds']}, EMA {b['ema_decay']}, "
                 f"scored at steps {b['eval_steps']} with {samples} samples; arms: "
                 + "; ".join(f"`{name}` = {' '.join(o for o in ov)}" for name, ov in b["arms"].items())
-                + f". {res['workers']} workers, 1 torch thread each, on {res['device']}; {res['total_wall_s'] / 60:.1f} min."]
+                + f". {res['workers']} workers, 1 torch thread each, on {res['device']}; the last invocation took "
+                f"{res['total_wall_s'] / 60:.1f} min (runs finished by earlier invocations are reused, not retimed)."]
     out += ["", "Shared initialisations (the tuned arms start from the EDM model; MFD arms use the feature network):", "",
             *conv.init_lines(first), ""]
     if notes:
