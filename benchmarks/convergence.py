@@ -601,6 +601,7 @@ def plot(results: dict, ds: str, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     keys = [PRIMARY[ds], *SECONDARY[ds]]
     fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.2 * len(keys)), squeeze=False)
@@ -617,6 +618,7 @@ def plot(results: dict, ds: str, path: Path) -> Path:
                 ax.plot(x, mean, style, color=colours.get(arm.label), label=f"{arm.label} ({len(runs)} seeds)", marker=".")
                 ax.fill_between(x, lo, hi, color=colours.get(arm.label), alpha=0.15)
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2x10^1, ...) overlap
                 if key.startswith("fd"):
                     ax.set_yscale("log")
                 ax.set_ylabel(key + (" (higher is better)" if key in HIGHER_IS_BETTER else ""))
