@@ -134,6 +134,7 @@ def plot(results: dict, ds: str, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     keys = [conv.PRIMARY[ds], *conv.SECONDARY[ds]]
     fig, axes = plt.subplots(len(keys), len(results), figsize=(6 * len(results), 3.2 * len(keys)), squeeze=False)
@@ -146,6 +147,7 @@ def plot(results: dict, ds: str, path: Path) -> Path:
                 line, = ax.plot(steps, mean, "--" if "mfd" in arm.name else "-", marker=".", label=arm.name)
                 ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.12)
                 ax.set(xscale="log", xlabel="training steps", ylabel=key, title=f"{ds}: {group}")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2x10^1, ...) overlap
                 ax.grid(alpha=0.3, which="both")
         axes[0][col].legend(fontsize=7)
     fig.tight_layout()
