@@ -74,6 +74,9 @@ SCRATCH_ARMS = {
     "meanflow_mfd": [*MEANFLOW, "distance.name=mfd", "distance.mode=aligned"],
     # the feature direction only near the data (t <= 0.2, EDM sigma <= 0.25), pixels above (method.md 8.3)
     "meanflow_mfd_t02": [*MEANFLOW, "distance.name=mfd", "distance.mode=aligned", "objective.mf_mfd_tmax=0.2"],
+    # how much the gate's threshold matters (0.2 was chosen before any gated run)
+    "meanflow_mfd_t01": [*MEANFLOW, "distance.name=mfd", "distance.mode=aligned", "objective.mf_mfd_tmax=0.1"],
+    "meanflow_mfd_t04": [*MEANFLOW, "distance.name=mfd", "distance.mode=aligned", "objective.mf_mfd_tmax=0.4"],
 }
 
 INITS = dict(edm_steps={"shapes": 1200, "digits": 1500}, feature_steps={"shapes": 1000, "digits": 1000},
@@ -162,7 +165,9 @@ def markdown(results: dict, plots: dict[str, str], command: str, notes: str | No
 
     first = next(iter(results.values()))
     out = ["## Objectives side by side (ECT, ECT + AYT, continuous CT/CD with sCM's stabilisers, MeanFlow)", "",
-           f"Command: `{command}`", "", machine_line(first["machine"]), ""]
+           f"Command: `{command}`", "",
+           machine_line(first["machine"]).replace("Machine:", "Machine of the last invocation (runs finished by earlier "
+                                                  "invocations are reused, not rerun; the notes say when they ran):", 1), ""]
     for group, res in results.items():
         b = res["budget"]
         samples = ", ".join(f"{b['num_samples'][ds]} ({ds})" for ds in b["datasets"])

@@ -266,7 +266,12 @@ def parse_batches(items: list[str] | None, presets: list[str], default: dict[str
         for preset in [name] if name else presets:
             if preset not in PRESETS:
                 raise UsageError(f"unknown preset {preset!r} in a batch list; use {', '.join(PRESETS)}")
-            out[preset] = [int(v) for v in values.split(",") if v]
+            try:
+                out[preset] = [int(v) for v in values.split(",") if v]
+            except ValueError:
+                raise UsageError(f"batch list {item!r}: give whole numbers, e.g. 16,64 or tiny=16,64") from None
+            if not out[preset] or min(out[preset]) < 1:
+                raise UsageError(f"batch list {item!r}: give positive batch sizes, e.g. 16,64 or tiny=16,64")
     return out
 
 
@@ -306,6 +311,10 @@ def plan(args: argparse.Namespace) -> dict:
         raise UsageError(f"unknown distance in {args.distances!r}; use {', '.join(LABELS)}")
     defaults = {key: dict(zip(PRESETS, values)) for key, values in DEFAULTS[device].items()}
     precisions = args.precisions.split(",") if args.precisions else (["fp32", "bf16"] if device == "cuda" else ["fp32"])
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+        raise UsageError(f"--precisions {args.precisions!r}: give a comma list of fp32,bf16")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: give at least 1 (default: the usable cores)")
     sample_precisions = precisions + (["bf16"] if args.bf16_cpu and "bf16" not in precisions else [])
     if device == "cpu" and "bf16" in precisions:
         log("note: train.precision=bf16 uses autocast on CUDA only, so a CPU training step runs fp32; bf16 is timed for sampling")
@@ -452,6 +461,8 @@ def section_markdown(state: dict) -> str:
 # ====================================================================== running
 def merge(source: str, target: str | None) -> None:
     """Copy every `throughput*` section of the file `source` into the file `target`."""
+    if not Path(source).is_file():
+        raise UsageError(f"--merge {source}: no such file; give the BENCHMARKS.md a GPU run wrote (e.g. $OUT/BENCHMARKS.md)")
     names = re.findall(r"<!-- (throughput[\w-]*):start -->", Path(source).read_text())
     if not target or not names:
         raise UsageError("--merge needs --write TARGET" if not target else f"{source} holds no throughput section")

@@ -37,15 +37,20 @@ def test_throughput_times_the_trainer_step_and_merges_sections(tmp_path):
 
 
 def test_throughput_bad_input_is_one_line_and_exit_2(capsys):
-    """An unknown distance or preset ends with one `error:` line naming the choices, exit code 2."""
+    """Bad input (unknown distance or preset, bad precision, batch list, thread count or --merge file)
+    ends with one `error:` line naming the fix, exit code 2."""
     import pytest
 
     import throughput
     from common import run_main
 
-    for argv, named in ((["--distances", "bogus"], "pseudo_huber"), (["--presets", "nope"], "tiny")):
+    cases = ((["--distances", "bogus"], "pseudo_huber"), (["--presets", "nope"], "tiny"),
+             (["--precisions", "fp16"], "fp32,bf16"), (["--batches", "tiny=abc"], "whole numbers"),
+             (["--batches", "0"], "positive"), (["--threads", "0"], "at least 1"),
+             (["--merge", "/no/such/BENCHMARKS.md", "--write", "x.md"], "no such file"))
+    for argv, named in cases:
         with pytest.raises(SystemExit) as exit_info:
-            run_main(lambda: throughput.main(argv))
+            run_main(lambda: throughput.main(["--device", "cpu", *argv]))
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("error: unknown") and named in err and "\n" not in err
+        assert err.startswith("error: ") and named in err and "\n" not in err

@@ -240,6 +240,10 @@ def test_gated_mfd_takes_the_pixel_gradient_above_tmax():
     assert not torch.allclose(grads["mfd"][far], grads["pixel"][far])  # the gate changes something
     zero = MeanFlowObjective(Aligned(d), norm_p=0.75, norm_eps=1e-3, mfd_tmax=0.0)
     torch.testing.assert_close(torch.autograd.grad(zero.loss(pair).sum(), pair.u)[0], grads["pixel"])
+    # the config option reaches the objective the trainer builds
+    config = load_config(None, ["objective.kind=meanflow", "distance.name=squared_l2", "distance.mode=aligned",
+                                "objective.mf_mfd_tmax=0.2"])
+    assert build_objective(config, 8, 3).mfd_tmax == 0.2
 
 
 # ---------------------------------------------------------------- sampling
@@ -309,6 +313,8 @@ def test_bad_meanflow_combinations_fail_in_one_line(tmp_path):
         "mf_ratio": [*base, "objective.mf_ratio=1.5"],
         "mf_second": [*base, "objective.mf_second=h"],
         "mf_mfd_tmax=1.5 must lie": [*base, "objective.mf_mfd_tmax=1.5"],
+        r"mf_mfd_tmax=0.0 must lie in \(0, 1\]": ["objective.kind=meanflow", "distance.name=squared_l2",
+                                                 "distance.mode=aligned", "objective.mf_mfd_tmax=0"],
         "gates the feature direction": [*base, "objective.mf_mfd_tmax=0.5"],  # pixel mode has no feature direction
         "applies to objective.kind=meanflow only": ["objective.kind=ect", "objective.mf_ratio=0.5"],
     }

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -258,6 +259,8 @@ def test_hashed_mask_threshold_and_rank_slices():
     assert hashed_keep_mask((4096,), seed, 0.0).all()
     assert not hashed_keep_mask((4096,), seed, 1 - 1e-12).any()  # p -> 1 drops everything (no wrap-around)
     # the masks of a global batch of 6 rows, sliced by rank (3 rows each), equal the two ranks' masks
+    with pytest.raises(AytError, match=r"int32 tensor \[3\]"):  # the two-halves key of older code
+        hashed_keep_mask((4096,), seed[:2], 0.4)
     whole = hashed_keep_mask((6, 5, 4), seed, 0.4)
     ranks = [hashed_keep_mask((3, 5, 4), seed, 0.4, part=r) for r in (0, 1)]
     assert torch.equal(whole, torch.cat(ranks))
@@ -317,6 +320,8 @@ def test_dropout_masks_are_pinned():
     assert [int("".join("1" if b else "0" for b in row), 2) for row in keep.tolist()] == [33023, 37488, 7902, 39181]
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="Inductor's CPU kernels need a C++ compiler")
 def test_inductor_reproduces_the_dropout_hash_without_folding_constants():
     """Inductor's C++ kernels give the eager masks (int32 products wrap), and the index multiplier
     is loaded, not folded into the index arithmetic as a literal: folded, its products overflow

@@ -284,7 +284,8 @@ def _rules_objective(c: ObjectiveConfig) -> None:
     _positive(c.mf_norm_p, "objective.mf_norm_p", zero=True)
     _positive(c.mf_norm_eps, "objective.mf_norm_eps")
     _one_of(c.mf_second, ["t-r", "r"], "objective.mf_second")
-    check(0 <= c.mf_mfd_tmax <= 1, f"objective.mf_mfd_tmax={c.mf_mfd_tmax} must lie in [0, 1] (1: the feature direction at every t)")
+    check(0 < c.mf_mfd_tmax <= 1, f"objective.mf_mfd_tmax={c.mf_mfd_tmax} must lie in (0, 1] (1: the feature direction at every t; "
+          "for none, train in pixels: distance.mode=pixel distance.name=squared_l2)")
     defaults = ObjectiveConfig()
     for key in ("mf_ratio", "mf_norm_p", "mf_norm_eps", "mf_second", "mf_mfd_tmax"):
         check(getattr(c, key) == getattr(defaults, key) or c.kind == "meanflow",

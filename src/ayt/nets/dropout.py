@@ -80,6 +80,8 @@ def hashed_keep_mask(shape: torch.Size | tuple[int, ...], keys: torch.Tensor, p:
     (a DDP rank) selects that rank's slice of the mask of the global batch, so a run's masks do
     not depend on the number of processes.
     """
+    check(keys.shape == (3,) and keys.dtype == torch.int32,
+          f"dropout keys must be an int32 tensor [3] (hash_keys(seed)), got {keys.dtype} {tuple(keys.shape)}")
     n = math.prod(shape)
     check(n * (part + 1) < 2**31, f"dropout on {n * (part + 1)} elements: the seeded mask indexes at most 2^31; "
           "use a smaller batch")
