@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ayt.errors import check
+from ayt.errors import AytError, check
 
 _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
@@ -80,8 +80,8 @@ def hashed_keep_mask(shape: torch.Size | tuple[int, ...], keys: torch.Tensor, p:
     (a DDP rank) selects that rank's slice of the mask of the global batch, so a run's masks do
     not depend on the number of processes.
     """
-    check(keys.shape == (3,) and keys.dtype == torch.int32,
-          f"dropout keys must be an int32 tensor [3] (hash_keys(seed)), got {keys.dtype} {tuple(keys.shape)}")
+    if keys.shape != (3,) or keys.dtype != torch.int32:  # no message formatting on the training path
+        raise AytError(f"dropout keys must be an int32 tensor [3] (hash_keys(seed)), got {keys.dtype} {tuple(keys.shape)}")
     n = math.prod(shape)
     check(n * (part + 1) < 2**31, f"dropout on {n * (part + 1)} elements: the seeded mask indexes at most 2^31; "
           "use a smaller batch")
