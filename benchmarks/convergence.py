@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from common import UsageError, run_main  # noqa: E402,F401 (objectives.py uses both through this module)
+from common import UsageError, run_main  # noqa: E402
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 PRIMARY = {"shapes": "manifold_rms", "digits": "fd_digits"}
